@@ -1,0 +1,3 @@
+from finetune_cli.cli import main
+
+main()

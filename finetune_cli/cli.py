@@ -1,0 +1,91 @@
+"""The `ftune` command: parses, calls, renders. Human output on stderr, `--json` on stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from finetune_cli.errors import FtuneError
+
+app = typer.Typer(
+    help="Fine-tune Hugging Face causal language models from YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library logs.")):
+    _state["debug"] = debug
+    if not debug:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+@contextmanager
+def _errors():
+    """User errors become one `error:` line and exit 2; --debug shows the traceback instead."""
+    try:
+        yield
+    except FtuneError as exc:
+        if _state["debug"]:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if _state["debug"]:
+            raise
+        sys.stderr.write(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def train(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    samples: int = typer.Option(1, "--samples", help="Eval prompts answered by base and tuned model at the end."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+):
+    """Train a model as RECIPE says and write the run directory."""
+    with _errors():
+        from finetune_cli import recipe, train as training, ui
+
+        resolved = recipe.load(recipe_path, set_ or [])
+        result = training.run(
+            resolved, overwrite=overwrite, callbacks=[ui.progress_callback()], samples=samples, log=ui.status
+        )
+        if as_json:
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        else:
+            ui.train_summary(result)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Reading JSONL conversations and turning them into token ids with loss masks."""

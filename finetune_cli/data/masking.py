@@ -1,0 +1,104 @@
+"""Chat template rendering and loss masks found by rendering, so they hold for any Jinja template.
+
+For each learned assistant turn we render the conversation up to that turn (with the generation
+prompt) and up to and including it; the difference is what the model must produce: the reply and
+the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...). Tokens of the full
+rendering whose characters fall in those spans are learned. Nothing depends on `{% generation %}`
+markers, and the end-of-turn token is learned even when it is also the pad token.
+"""
+
+from __future__ import annotations
+
+from finetune_cli.errors import FtuneError
+
+IGNORE = -100
+# Closing texts looked for after a reply when a template renders history differently from a prefix.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def learned_spans(tokenizer, messages: list[dict], train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the character spans the model learns."""
+    full = render(tokenizer, messages)
+    if train_on == "all":
+        return full, [(0, len(full))]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans, cursor = [], 0
+    for i in turns:
+        span = _turn_by_prefix(tokenizer, messages, i, full, cursor) or _turn_by_search(tokenizer, messages[i], full, cursor)
+        if span is None:
+            raise ValueError(f"cannot find assistant message {i} in the rendered chat template")
+        spans.append(span)
+        cursor = span[1]
+    return full, spans
+
+
+def _turn_by_prefix(tokenizer, messages, i, full, cursor):
+    before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+    through = render(tokenizer, messages[: i + 1]).rstrip()
+    if not (full.startswith(before) and full.startswith(through) and cursor <= len(before) < len(through)):
+        return None
+    if messages[i]["content"].strip() not in full[len(before) : len(through)]:
+        return None
+    return len(before), len(through)
+
+
+def _turn_by_search(tokenizer, message, full, cursor):
+    content = message["content"].strip()
+    start = full.find(content, cursor)
+    if start < 0 or not content:
+        return None
+    end = start + len(content)
+    rest = full[end:]
+    stripped = rest.lstrip(" ")
+    for token in (tokenizer.eos_token, *END_OF_TURN):
+        if token and stripped.startswith(token):
+            end += len(rest) - len(stripped) + len(token)
+            break
+    return start, end
+
+
+def tokenize(tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant") -> dict:
+    """Token ids and labels (-100 where not learned), truncated to `max_length`."""
+    text, spans = learned_spans(tokenizer, messages, train_on)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if _inside(s, e, spans) else IGNORE for tok, (s, e) in zip(ids, offsets)]
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def _inside(start: int, end: int, spans) -> bool:
+    if end == start:
+        return any(a <= start < b for a, b in spans)
+    return any(start < b and end > a for a, b in spans)
+
+
+def tokenize_all(tokenizer, conversations: list[dict], max_length: int, train_on: str) -> tuple[list[dict], dict]:
+    """Tokenize conversations; drop those left with nothing to learn; return examples and counts."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise FtuneError("this tokenizer has no fast (Rust) version; ftune needs character offsets to mask the loss")
+    examples, truncated, dropped = [], 0, 0
+    for conv in conversations:
+        try:
+            ex = tokenize(tokenizer, conv["messages"], max_length, train_on)
+        except Exception as exc:  # noqa: BLE001 - a template's raise_exception or our span search
+            raise FtuneError(f"{conv['source']}: chat template cannot render this conversation: {exc}") from None
+        truncated += ex.pop("truncated")
+        if all(label == IGNORE for label in ex["labels"]):
+            dropped += 1
+            continue
+        examples.append(ex)
+    stats = {
+        "examples": len(examples),
+        "truncated": truncated,
+        "dropped": dropped,
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "learned_tokens": sum(sum(label != IGNORE for label in e["labels"]) for e in examples),
+    }
+    return examples, stats

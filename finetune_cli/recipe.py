@@ -1,0 +1,203 @@
+"""The recipe: a pydantic schema, YAML loading with line numbers, `--set` overrides, the resolved dump."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finetune_cli.errors import FtuneError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    base: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSection(_Section):
+    train: str
+    eval: str | None = None
+    eval_split: float | None = Field(default=None, gt=0, lt=1)
+    format: Literal["auto", "messages"] = "auto"
+    max_length: int = Field(default=1024, gt=1)
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval and self.eval_split:
+            raise ValueError("set either data.eval or data.eval_split, not both")
+        return self
+
+
+class MethodSection(_Section):
+    name: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(default=3, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2.0e-4, gt=0)
+    lr_scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    logging_steps: int = Field(default=1, gt=0)
+    eval_steps: int | None = Field(default=None, gt=0)
+
+
+class OutputSection(_Section):
+    dir: str | None = None
+
+
+class Recipe(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection
+    method: MethodSection = MethodSection()
+    training: TrainingSection = TrainingSection()
+    output: OutputSection = OutputSection()
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe file; raise FtuneError with file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtuneError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FtuneError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FtuneError(f"{path}: a recipe is a YAML mapping with sections model, data, method, training, output")
+    set_keys = set()
+    for item in overrides:
+        set_keys.add(_apply_override(raw, item))
+    recipe = _validate(raw, path, lines, set_keys)
+    if recipe.output.dir is None:
+        recipe.output.dir = f"runs/{path.stem}"
+    return _resolve_paths(recipe, path.parent)
+
+
+def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        where = "--set" if key in set_keys else _where(path, lines, loc)
+        raise FtuneError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _describe(err: dict, loc: tuple[str, ...]) -> str:
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
+        hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else f"known keys: {', '.join(fields)}"
+        return f"unknown key '{key}'; {hint}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"'{key}' is {err['input']!r}; expected one of {expected}"
+    if not loc:  # a model-level check such as eval vs eval_split
+        return err["msg"].removeprefix("Value error, ")
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
+    return f"'{key}' is {err['input']!r}: {msg}"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
+def _key_lines(node, prefix=()) -> dict[tuple[str, ...], int]:
+    """Map each key path of a composed YAML document to its 1-based line."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            loc = prefix + (str(key_node.value),)
+            out[loc] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, loc))
+    return out
+
+
+def _where(path: Path, lines: dict, loc: tuple[str, ...]) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return f"{path}:{lines[loc[:n]]}"
+    return str(path)
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Apply one `dotted.key=value` (value parsed as a YAML scalar) to the raw recipe; return the key."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise FtuneError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = parsed
+    return key
+
+
+def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
+    """Data and template paths are relative to the recipe's folder; written back absolute."""
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else str((folder / Path(p).expanduser()).resolve())
+
+    recipe.data.train = resolve(recipe.data.train)
+    recipe.data.eval = resolve(recipe.data.eval)
+    if recipe.model.chat_template:
+        recipe.model.chat_template = resolve(recipe.model.chat_template)
+    base = Path(recipe.model.base).expanduser()
+    local = folder / base
+    if base.suffix == ".gguf" or recipe.model.base.startswith((".", "/", "~")) or local.exists():
+        recipe.model.base = str(local.resolve())
+    return recipe
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default filled in."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,258 @@
+"""Training: recipe -> model + tokenized data -> TRL SFTTrainer -> run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from finetune_cli import __version__, methods, models
+from finetune_cli import recipe as recipes
+from finetune_cli.data.jsonl import read_conversations
+from finetune_cli.data.masking import tokenize_all
+from finetune_cli.errors import FAILED, FtuneError
+from finetune_cli.evaluate import corpus_nll
+from finetune_cli.generate import reply
+
+
+def run(
+    recipe: recipes.Recipe,
+    overwrite: bool = False,
+    callbacks: list = (),
+    samples: int = 1,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Train as the recipe says and write the run directory; return the summary that run.json holds."""
+    out = Path(recipe.output.dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FtuneError(f"output.dir: {out} already holds a run; pass --overwrite or choose another output.dir")
+
+    # Everything that can fail on the user's input happens before the run directory is touched.
+    log(f"model {recipe.model.base}")
+    source = models.resolve(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.chat_template, recipe.model.trust_remote_code)
+    train_convs = read_conversations(recipe.data.train)
+    eval_convs = read_conversations(recipe.data.eval) if recipe.data.eval else []
+    if recipe.data.eval_split:
+        train_convs, eval_convs = _split(train_convs, recipe.data.eval_split, recipe.training.seed)
+    d = recipe.data
+    train_examples, train_stats = tokenize_all(tokenizer, train_convs, d.max_length, d.train_on)
+    eval_examples, eval_stats = tokenize_all(tokenizer, eval_convs, d.max_length, d.train_on) if eval_convs else ([], {})
+    if not train_examples:
+        raise FtuneError(f"{d.train}: no example has a learned token left after truncation to {d.max_length}")
+    log(
+        f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
+        f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
+    )
+    model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _write_atomic(out / "recipe.yaml", recipes.dump(recipe))
+    info = {
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "data": {
+            "train": {"path": d.train, "sha256": _sha256(d.train), **train_stats},
+            **({"eval": {"path": d.eval, "sha256": _sha256(d.eval), **eval_stats}} if d.eval else {}),
+            **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
+        },
+    }
+    _write_json(out / "run.json", info)
+    started = time.time()
+    try:
+        result = _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples)
+    except BaseException as exc:
+        info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
+        info["seconds"] = round(time.time() - started, 1)
+        _write_json(out / "run.json", info)
+        if isinstance(exc, (FtuneError, KeyboardInterrupt)):
+            raise
+        raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
+    info.update(status="completed", seconds=round(time.time() - started, 1), **result)
+    _write_json(out / "run.json", info)
+    return {"run_dir": str(out), **info}
+
+
+def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples) -> dict:
+    import datasets
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    t = recipe.training
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and _cuda_bf16())
+    fp16 = t.precision == "fp16"
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not _cuda(),
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        max_length=None,  # examples are truncated by us, with counts reported
+        dataset_kwargs={"skip_prepare_dataset": True},
+        include_num_input_tokens_seen="non_padding",
+    )
+    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(recipe.method),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    trainer.add_callback(_metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer))
+    model = trainer.model
+    pad = tokenizer.pad_token_id
+    before = corpus_nll(model, eval_examples, t.batch_size, pad) if eval_examples else None
+    prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs[:samples]]
+    with model.disable_adapter():
+        base_replies = [reply(model, tokenizer, p) for p in prompts]
+    try:
+        train_output = trainer.train()
+    finally:
+        metrics_file.close()
+    after = corpus_nll(model, eval_examples, t.batch_size, pad) if eval_examples else None
+    tuned_replies = [reply(model, tokenizer, p) for p in prompts]
+
+    adapter = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(adapter)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    trainable, total = methods.count_parameters(model)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "eval_before": before,
+        "eval_after": after,
+        "samples": [
+            {"prompt": p[-1]["content"], "base": b, "tuned": a}
+            for p, b, a in zip(prompts, base_replies, tuned_replies)
+        ],
+        "adapter": str(adapter),
+    }
+
+
+def _metrics_callback(fh, trainer, eval_examples, t, tokenizer):
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        """One JSON line per logged step; token-exact eval loss and perplexity every `eval_steps`."""
+
+        def __init__(self):
+            self.start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            elapsed = time.time() - self.start
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0, 4),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+            }
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+        def on_step_end(self, args, state, control, **kw):
+            if t.eval_steps and eval_examples and state.global_step % t.eval_steps == 0:
+                res = corpus_nll(trainer.model, eval_examples, t.batch_size, tokenizer.pad_token_id)
+                row = {"step": state.global_step, "eval_loss": res["loss"], "eval_perplexity": res["perplexity"]}
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+
+    return Metrics()
+
+
+def _last_assistant(messages: list[dict]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def _split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    import random
+
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(convs) * fraction))
+    held = set(order[:n_eval])
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"ftune": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,84 @@
+"""Human output on stderr: a rich progress bar for training and summary tables."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def progress_callback():
+    """A TrainerCallback that shows step, loss, learning rate, tokens/s and ETA."""
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.progress = None
+            self.task = None
+            self.start = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, stats="")
+
+        def on_step_end(self, args, state, control, **kw):
+            self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs or self.progress is None:
+                return
+            elapsed = max(time.time() - self.start, 1e-9)
+            stats = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+            stats += f"{state.num_input_tokens_seen / elapsed:,.0f} tok/s"
+            self.progress.update(self.task, stats=stats)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return RichProgress()
+
+
+def status(message: str) -> None:
+    console.print(f"[dim]•[/dim] {message}")
+
+
+def train_summary(result: dict) -> None:
+    table = Table(title="ftune train", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("run", result["run_dir"])
+    table.add_row("steps", f"{result['steps']} in {result['seconds']:.0f} s ({result['tokens_seen']:,} tokens)")
+    if result.get("first_loss") is not None:
+        table.add_row("train loss", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} (first -> last step)")
+    before, after = result.get("eval_before"), result.get("eval_after")
+    if before and after:
+        table.add_row(
+            "eval loss",
+            f"{before['loss']:.4f} -> {after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "
+            f"{after['perplexity']:.2f}   ({after['tokens']:,} scored tokens)",
+        )
+    trainable, total = result["trainable_parameters"], result["total_parameters"]
+    table.add_row("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    table.add_row("adapter", result["adapter"])
+    console.print(table)
+    for sample in result.get("samples", []):
+        console.print(f"[bold]prompt[/bold]  {sample['prompt']}")
+        console.print(f"[bold]base  [/bold]  {sample['base']}")
+        console.print(f"[bold]tuned [/bold]  {sample['tuned']}")
