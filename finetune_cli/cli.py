@@ -75,7 +75,8 @@ def train(
 ):
     """Train a model as RECIPE says and write the run directory."""
     with _errors():
-        from finetune_cli import recipe, train as training, ui
+        from finetune_cli import recipe, ui
+        from finetune_cli import train as training
 
         resolved = recipe.load(recipe_path, set_ or [])
         result = training.run(

@@ -33,21 +33,24 @@ def run(
         raise FtuneError(f"output.dir: {out} already holds a run; pass --overwrite or choose another output.dir")
 
     # Everything that can fail on the user's input happens before the run directory is touched.
-    log(f"model {recipe.model.base}")
+    d = recipe.data
+    train_convs = read_conversations(d.train)
+    eval_convs = read_conversations(d.eval) if d.eval else []
+    if d.eval_split:
+        train_convs, eval_convs = _split(train_convs, d.eval_split, recipe.training.seed)
     source = models.resolve(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.chat_template, recipe.model.trust_remote_code)
-    train_convs = read_conversations(recipe.data.train)
-    eval_convs = read_conversations(recipe.data.eval) if recipe.data.eval else []
-    if recipe.data.eval_split:
-        train_convs, eval_convs = _split(train_convs, recipe.data.eval_split, recipe.training.seed)
-    d = recipe.data
     train_examples, train_stats = tokenize_all(tokenizer, train_convs, d.max_length, d.train_on)
-    eval_examples, eval_stats = tokenize_all(tokenizer, eval_convs, d.max_length, d.train_on) if eval_convs else ([], {})
+    eval_examples, eval_stats = (
+        tokenize_all(tokenizer, eval_convs, d.max_length, d.train_on) if eval_convs else ([], {})
+    )
     if not train_examples:
         raise FtuneError(f"{d.train}: no example has a learned token left after truncation to {d.max_length}")
+    log(f"model {recipe.model.base}")
     log(
         f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
+        + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
     )
     model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code)
 
@@ -161,8 +164,7 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         "eval_before": before,
         "eval_after": after,
         "samples": [
-            {"prompt": p[-1]["content"], "base": b, "tuned": a}
-            for p, b, a in zip(prompts, base_replies, tuned_replies)
+            {"prompt": p[-1]["content"], "base": b, "tuned": a} for p, b, a in zip(prompts, base_replies, tuned_replies)
         ],
         "adapter": str(adapter),
     }

