@@ -105,3 +105,15 @@ def test_refuses_to_overwrite_a_run(trained):
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 2 and "already holds a run; pass --overwrite" in result.stderr
     assert (run / "run.json").read_text() == before
+
+
+def test_overwrite_replaces_the_run(tiny_recipe):
+    run = tiny_recipe.parent / "run"
+    run.mkdir()
+    (run / "stale.txt").write_text("old")
+    result = runner.invoke(
+        app, ["train", str(tiny_recipe), "--overwrite", "--samples", "0", "--set", "training.max_steps=1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not (run / "stale.txt").exists() and (run / "adapter" / "adapter_config.json").is_file()
+    assert "ftune train" in result.stderr and "trainable" in result.stderr  # the summary table
