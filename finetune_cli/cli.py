@@ -88,5 +88,40 @@ def train(
             ui.train_summary(result)
 
 
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="Run directory, merged/HF model folder, or base model name."),
+    data: Optional[List[Path]] = typer.Option(
+        None,
+        "--data",
+        help="JSONL to score: chat `messages` or plain `text` lines (repeatable). Default: the run's eval data.",
+    ),
+    base: bool = typer.Option(False, "--base", help="Score the run's base model only, without the adapter."),
+    compare_base: bool = typer.Option(
+        False, "--compare-base", help="Score base and fine-tuned model, show the change."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
+    max_length: Optional[int] = typer.Option(
+        None, "--max-length", min=2, help="Context length. Default: the run's data.max_length, else 2048."
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="Sliding-window step for long texts. Default: half the context."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+):
+    """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set."""
+    with _errors():
+        from finetune_cli import evaluate, ui
+
+        with ui.eval_progress() as progress:
+            result = evaluate.run(
+                target, [str(p) for p in data or []], base, compare_base, batch_size, max_length, stride, progress
+            )
+        if as_json:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        else:
+            ui.eval_summary(result)
+
+
 def main() -> None:
     app()

@@ -1,14 +1,53 @@
-"""Perplexity over a corpus: exp(total NLL / total scored tokens), never a mean of per-example values."""
+"""Perplexity over a corpus: exp(total NLL / total scored tokens), never a mean of per-example values.
+
+Chat examples are scored on exactly the tokens training learns (same template, same masks); plain
+text on every token after the first, with a sliding window when it is longer than the context.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Callable
 
-from finetune_cli.data.masking import IGNORE
+from finetune_cli import files, models
+from finetune_cli import recipe as recipes
+from finetune_cli.data.jsonl import read_conversations, split
+from finetune_cli.data.masking import IGNORE, tokenize_all
+from finetune_cli.errors import FtuneError
 
 
-def corpus_nll(model, examples: list[dict], batch_size: int = 8, pad_token_id: int = 0) -> dict:
-    """Sum the NLL of every learned token (labels != -100) in float64; batches are length-sorted."""
+def windows(ids: list[int], context: int, stride: int) -> list[dict]:
+    """Sliding-window examples over one long sequence: every token after the first is scored exactly once,
+    with up to `context - stride` tokens of left context that are not scored again."""
+    out, scored_until = [], 1  # position 0 has no left context and is never scored
+    begin = 0
+    while True:
+        end = min(begin + context, len(ids))
+        labels = [IGNORE if pos < scored_until else tok for pos, tok in enumerate(ids[begin:end], begin)]
+        out.append({"input_ids": ids[begin:end], "labels": labels})
+        scored_until = end
+        if end == len(ids):
+            return out
+        begin += stride
+
+
+def build_examples(tokenizer, records: list[dict], max_length: int, train_on: str, stride: int) -> list[dict]:
+    """Token ids and labels for chat records (training's masks) and text records (sliding windows)."""
+    chats = [r for r in records if "messages" in r]
+    examples = tokenize_all(tokenizer, chats, max_length, train_on)[0] if chats else []
+    for r in records:
+        if "text" in r:
+            ids = tokenizer(r["text"])["input_ids"]
+            if len(ids) > 1:
+                examples += windows(ids, max_length, stride)
+    return examples
+
+
+def corpus_nll(
+    model, examples: list[dict], batch_size: int = 8, pad_token_id: int = 0, on_batch: Callable[[int], None] = None
+) -> dict:
+    """Sum the NLL of every scored token (labels != -100); batches are length-sorted, padded on the right."""
     import torch
 
     was_training = model.training
@@ -34,7 +73,97 @@ def corpus_nll(model, examples: list[dict], batch_size: int = 8, pad_token_id: i
             nll = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
             total += float(nll)
             count += int((targets != IGNORE).sum())
+            if on_batch:
+                on_batch(len(batch))
     if was_training:
         model.train()
     loss = total / count if count else float("nan")
     return {"tokens": count, "nll": total, "loss": loss, "perplexity": math.exp(loss) if count else float("nan")}
+
+
+def is_run(target: Path) -> bool:
+    return (target / "recipe.yaml").is_file() and (target / "adapter").is_dir()
+
+
+def run(
+    target: str,
+    data: list[str] = (),
+    base_only: bool = False,
+    compare_base: bool = False,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    stride: int | None = None,
+    progress: Callable[[int], Callable[[int], None]] = lambda total: None,
+) -> dict:
+    """Score TARGET (run directory, model folder or base name) on its eval data or `data`; return the results.
+
+    `progress(total_examples)` returns a per-batch callback, called once per scored model."""
+    path = Path(target)
+    run_dir = path if is_run(path) else None
+    if run_dir is None and path.is_dir() and not (path / "config.json").is_file():
+        raise FtuneError(f"{target}: neither a run directory (recipe.yaml + adapter/) nor a model folder (config.json)")
+    if compare_base and run_dir is None:
+        raise FtuneError(f"--compare-base needs a run directory; {target} is a model")
+    recipe = recipes.load(run_dir / "recipe.yaml") if run_dir else None
+    if data:
+        names = [str(f) for f in data]
+        records = [r for f in data for r in read_conversations(f, allow_text=True)]
+    else:
+        names, records = _run_eval_data(recipe, target)
+    if run_dir:
+        source = models.resolve(recipe.model.base)
+        tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
+    else:
+        source = models.resolve(target)
+        tokenizer = models.load_tokenizer(source, require_template=False)
+    context = max_length or (recipe.data.max_length if recipe else 2048)
+    train_on = recipe.data.train_on if recipe else "assistant"
+    if any("messages" in r for r in records) and not tokenizer.chat_template:
+        raise FtuneError(f"{target}: the model has no chat template, so chat data cannot be scored")
+    stride = stride or max(1, context // 2)
+    if not 0 < stride <= context:
+        raise FtuneError(f"--stride must be between 1 and the context length ({context})")
+    examples = build_examples(tokenizer, records, context, train_on, stride)
+    if not examples:
+        raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
+
+    model = models.load_model(source, recipe.model.dtype if recipe else "auto")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results = {}
+    if run_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+        if compare_base or base_only:
+            with model.disable_adapter():
+                results["base"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+        if not base_only:
+            results["tuned"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+    else:
+        results["model"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+    out = {
+        "target": str(target),
+        "base": recipe.model.base if recipe else str(target),
+        "data": names,
+        "context": context,
+        "stride": stride,
+        "results": results,
+    }
+    if "base" in results and "tuned" in results:
+        b, t = results["base"]["perplexity"], results["tuned"]["perplexity"]
+        out["change"] = {"perplexity": t - b, "relative": (t - b) / b}
+    if run_dir:
+        files.write_json(run_dir / "eval.json", out)
+    return out
+
+
+def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:
+    """The run's own eval data: its eval file, or the same held-out split training used."""
+    if recipe is None:
+        raise FtuneError(f"{target} is a model, not a run: pass the data to score with --data FILE.jsonl")
+    if recipe.data.eval:
+        return [recipe.data.eval], read_conversations(recipe.data.eval)
+    if recipe.data.eval_split:
+        held = split(read_conversations(recipe.data.train), recipe.data.eval_split, recipe.training.seed)[1]
+        return [f"{recipe.data.train} (eval_split {recipe.data.eval_split})"], held
+    raise FtuneError(f"{target}: the run's recipe has no eval data; pass --data FILE.jsonl")

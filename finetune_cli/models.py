@@ -105,7 +105,9 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def load_tokenizer(source: str, chat_template: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    source: str, chat_template: str | None = None, trust_remote_code: bool = False, require_template: bool = True
+):
     """Load the tokenizer; `chat_template` is a path to a .jinja file that replaces the tokenizer's own."""
     from transformers import AutoTokenizer
 
@@ -118,7 +120,7 @@ def load_tokenizer(source: str, chat_template: str | None = None, trust_remote_c
         if not path.is_file():
             raise FtuneError(f"model.chat_template: {path} not found (give a path to a .jinja file)")
         tokenizer.chat_template = path.read_text(encoding="utf-8")
-    if not getattr(tokenizer, "chat_template", None):
+    if require_template and not getattr(tokenizer, "chat_template", None):
         raise FtuneError(
             f"model '{source}' has no chat template; set model.chat_template to a .jinja file for chat data"
         )

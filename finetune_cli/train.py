@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, methods, models
+from finetune_cli import __version__, files, methods, models
 from finetune_cli import recipe as recipes
-from finetune_cli.data.jsonl import read_conversations
+from finetune_cli.data.jsonl import read_conversations, split
 from finetune_cli.data.masking import tokenize_all
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.evaluate import corpus_nll
@@ -37,7 +36,7 @@ def run(
     train_convs = read_conversations(d.train)
     eval_convs = read_conversations(d.eval) if d.eval else []
     if d.eval_split:
-        train_convs, eval_convs = _split(train_convs, d.eval_split, recipe.training.seed)
+        train_convs, eval_convs = split(train_convs, d.eval_split, recipe.training.seed)
     source = models.resolve(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.chat_template, recipe.model.trust_remote_code)
     train_examples, train_stats = tokenize_all(tokenizer, train_convs, d.max_length, d.train_on)
@@ -57,7 +56,7 @@ def run(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    _write_atomic(out / "recipe.yaml", recipes.dump(recipe))
+    files.write_text(out / "recipe.yaml", recipes.dump(recipe))
     info = {
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -68,19 +67,19 @@ def run(
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
     }
-    _write_json(out / "run.json", info)
+    files.write_json(out / "run.json", info)
     started = time.time()
     try:
         result = _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples)
     except BaseException as exc:
         info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
         info["seconds"] = round(time.time() - started, 1)
-        _write_json(out / "run.json", info)
+        files.write_json(out / "run.json", info)
         if isinstance(exc, (FtuneError, KeyboardInterrupt)):
             raise
         raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
     info.update(status="completed", seconds=round(time.time() - started, 1), **result)
-    _write_json(out / "run.json", info)
+    files.write_json(out / "run.json", info)
     return {"run_dir": str(out), **info}
 
 
@@ -130,10 +129,10 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
     )
     trainer.remove_callback(PrinterCallback)
     metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
-    trainer.add_callback(_metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer))
+    metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id)
+    trainer.add_callback(metrics)
     model = trainer.model
-    pad = tokenizer.pad_token_id
-    before = corpus_nll(model, eval_examples, t.batch_size, pad) if eval_examples else None
+    before = metrics.evaluate(0)
     prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs[:samples]]
     with model.disable_adapter():
         base_replies = [reply(model, tokenizer, p) for p in prompts]
@@ -141,7 +140,7 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         train_output = trainer.train()
     finally:
         metrics_file.close()
-    after = corpus_nll(model, eval_examples, t.batch_size, pad) if eval_examples else None
+    after = metrics.last_eval
     tuned_replies = [reply(model, tokenizer, p) for p in prompts]
 
     adapter = out / "adapter"
@@ -170,52 +169,61 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
     }
 
 
-def _metrics_callback(fh, trainer, eval_examples, t, tokenizer):
+def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id):
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
-        """One JSON line per logged step; token-exact eval loss and perplexity every `eval_steps`."""
+        """One JSON line per log; token-exact eval loss and perplexity every `eval_steps` and at the end."""
 
         def __init__(self):
             self.start = time.time()
+            self.last_eval = None
+            self.last_eval_step = None
+
+        def evaluate(self, step: int) -> dict | None:
+            if not eval_examples:
+                return None
+            self.last_eval = corpus_nll(trainer.model, eval_examples, t.batch_size, pad_token_id)
+            self.last_eval_step = step
+            logs = {"eval_loss": self.last_eval["loss"], "eval_perplexity": self.last_eval["perplexity"]}
+            # straight to the callbacks (this file, the progress bar): TRL's own log() would reset its metrics
+            trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, logs)
+            return self.last_eval
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs or "loss" not in logs:
+            row = {"step": state.global_step}
+            if "loss" in logs:
+                elapsed = time.time() - self.start
+                row.update(
+                    epoch=round(state.epoch or 0, 4),
+                    loss=logs["loss"],
+                    learning_rate=logs.get("learning_rate"),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens_per_s=round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+                )
+            elif "eval_loss" in logs:
+                row.update(eval_loss=logs["eval_loss"], eval_perplexity=logs["eval_perplexity"])
+            else:
                 return
-            elapsed = time.time() - self.start
-            row = {
-                "step": state.global_step,
-                "epoch": round(state.epoch or 0, 4),
-                "loss": logs["loss"],
-                "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
-                "tokens_per_s": round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
-            }
             fh.write(json.dumps(row) + "\n")
             fh.flush()
 
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+
         def on_step_end(self, args, state, control, **kw):
-            if t.eval_steps and eval_examples and state.global_step % t.eval_steps == 0:
-                res = corpus_nll(trainer.model, eval_examples, t.batch_size, tokenizer.pad_token_id)
-                row = {"step": state.global_step, "eval_loss": res["loss"], "eval_perplexity": res["perplexity"]}
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
+            if t.eval_steps and state.global_step % t.eval_steps == 0:
+                self.evaluate(state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.last_eval_step != state.global_step:
+                self.evaluate(state.global_step)
 
     return Metrics()
 
 
 def _last_assistant(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-
-
-def _split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    import random
-
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(convs) * fraction))
-    held = set(order[:n_eval])
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
 def _cuda() -> bool:
@@ -248,13 +256,3 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +21,7 @@ def progress_callback():
             self.progress = None
             self.task = None
             self.start = 0.0
+            self.train = self.eval = ""
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
@@ -41,12 +43,14 @@ def progress_callback():
             self.progress.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs or "loss" not in logs or self.progress is None:
-                return
-            elapsed = max(time.time() - self.start, 1e-9)
-            stats = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
-            stats += f"{state.num_input_tokens_seen / elapsed:,.0f} tok/s"
-            self.progress.update(self.task, stats=stats)
+            if "eval_perplexity" in logs:
+                self.eval = f"  eval ppl {logs['eval_perplexity']:.3f}"
+            elif "loss" in logs:
+                elapsed = max(time.time() - self.start, 1e-9)
+                self.train = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+                self.train += f"{state.num_input_tokens_seen / elapsed:,.0f} tok/s"
+            if self.progress is not None:
+                self.progress.update(self.task, stats=self.train + self.eval)
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
@@ -82,3 +86,42 @@ def train_summary(result: dict) -> None:
         console.print(f"[bold]prompt[/bold]  {sample['prompt']}")
         console.print(f"[bold]base  [/bold]  {sample['base']}")
         console.print(f"[bold]tuned [/bold]  {sample['tuned']}")
+
+
+@contextmanager
+def eval_progress():
+    """Yields `start(total)`, which adds a bar (showing the display on first use) and returns its advance function."""
+    progress = Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} examples"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+    def start(total: int):
+        if not progress.live.is_started:
+            progress.start()
+        task = progress.add_task("eval", total=total)
+        return lambda n: progress.advance(task, n)
+
+    try:
+        yield start
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+def eval_summary(result: dict) -> None:
+    table = Table(title=f"ftune eval {result['target']}", title_justify="left")
+    for col in ("model", "scored tokens", "NLL", "loss", "perplexity"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in result["results"].items():
+        label = {"base": f"base ({result['base']})", "tuned": "fine-tuned"}.get(name, name)
+        table.add_row(label, f"{r['tokens']:,}", f"{r['nll']:.2f}", f"{r['loss']:.4f}", f"{r['perplexity']:.4f}")
+    console.print(table)
+    if "change" in result:
+        c = result["change"]
+        console.print(f"perplexity change: {c['perplexity']:+.4f} ({100 * c['relative']:+.1f}%)")
+    console.print(f"data: {', '.join(result['data'])}")

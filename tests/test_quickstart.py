@@ -31,6 +31,13 @@ def test_quickstart_recipe_learns(tmp_path, builtin_dir):
     assert after["loss"] < 0.5 * before["loss"]  # the eval loss falls clearly
     assert summary["samples"][0]["tuned"].startswith('{"name": ')  # answers in the trained JSON shape
 
+    # ftune eval --compare-base on the shipped eval data: the fine-tuned model has the lower perplexity
+    out = subprocess.run([ftune, "eval", run, "--compare-base", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert results["tuned"]["perplexity"] < results["base"]["perplexity"]
+    assert results["tuned"]["perplexity"] == pytest.approx(after["perplexity"], rel=1e-4)
+
     tok = AutoTokenizer.from_pretrained(run / "adapter")
     ids = tok("Order for Ana Ruiz: 2 x mug (red), deliver to Oslo, deadline Monday.", return_tensors="pt").input_ids
     base = AutoModelForCausalLM.from_pretrained(builtin_dir)

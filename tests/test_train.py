@@ -52,7 +52,7 @@ def test_metrics_every_step_and_eval(trained):
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_rows)
-    assert [r["step"] for r in eval_rows] == [2, 4]
+    assert [r["step"] for r in eval_rows] == [0, 2, 4]  # before training, every eval_steps, and the end
     assert eval_rows[-1]["eval_perplexity"] == pytest.approx(math.exp(eval_rows[-1]["eval_loss"]))
 
 

@@ -10,8 +10,10 @@ from finetune_cli.errors import FtuneError
 ROLES = ("system", "user", "assistant")
 
 
-def read_conversations(path: str | Path) -> list[dict]:
-    """Return `{"source": "file:line", "messages": [...]}` per non-blank line; raise FtuneError naming the line."""
+def read_conversations(path: str | Path, allow_text: bool = False) -> list[dict]:
+    """Return `{"source": "file:line", "messages": [...]}` per non-blank line; raise FtuneError naming the line.
+
+    With `allow_text`, a line may instead be `{"text": "..."}` (plain text, scored on every token)."""
     path = Path(path)
     if not path.is_file():
         raise FtuneError(f"{path}: data file not found")
@@ -25,10 +27,25 @@ def read_conversations(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise FtuneError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
             source = f"{path}:{lineno}"
-            conversations.append({"source": source, "messages": _messages(record, source)})
+            if allow_text and isinstance(record, dict) and "messages" not in record and "text" in record:
+                if not isinstance(record["text"], str):
+                    raise FtuneError(f'{source}: "text" must be a string')
+                conversations.append({"source": source, "text": record["text"]})
+            else:
+                conversations.append({"source": source, "messages": _messages(record, source)})
     if not conversations:
         raise FtuneError(f"{path}: no examples (the file is empty)")
     return conversations
+
+
+def split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `fraction` of the examples (at least one), chosen by `seed`: (train, eval)."""
+    import random
+
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(convs) * fraction))])
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
 def _messages(record, where: str) -> list[dict]:
