@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,11 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check finetune_cli tests recipes
-	$(BIN)/ruff format --check finetune_cli tests recipes
+	$(BIN)/ruff check finetune_cli tests recipes benchmarks
+	$(BIN)/ruff format --check finetune_cli tests recipes benchmarks
+
+bench: install
+	PYTHON=$(BIN)/python bash benchmarks/run.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

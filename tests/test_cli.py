@@ -83,3 +83,17 @@ def test_console_script_and_module():
     assert out.returncode == 2 and out.stderr == "error: /nonexistent.yaml: recipe file not found\n"
     out = subprocess.run([sys.executable, "-m", "finetune_cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_readme_documents_every_command_and_option():
+    """The README's command reference does not drift from the CLI."""
+    import typer.main
+
+    readme = (ROOT / "README.md").read_text()
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        assert f"### `ftune {name}" in readme, name
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert f"`{opt}" in readme, f"{name} {opt}"

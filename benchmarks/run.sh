@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# make bench: run every benchmark and write BENCHMARKS.md (figures from this machine, this run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+tmp=$(mktemp)
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`make bench\` on $(date -u +%Y-%m-%d). Ratios are measured side by side in one run; absolute"
+  echo "figures depend on the machine and its load."
+  echo
+  "$py" benchmarks/eval_throughput.py
+} > "$tmp"
+mv "$tmp" BENCHMARKS.md
+cat BENCHMARKS.md
