@@ -27,7 +27,7 @@ def progress_callback():
             self.start = time.time()
             self.progress = Progress(
                 TextColumn("[bold]train"),
-                BarColumn(),
+                BarColumn(bar_width=16),
                 TextColumn("step {task.completed}/{task.total}"),
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
@@ -43,7 +43,7 @@ def progress_callback():
             self.progress.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if "eval_perplexity" in logs:
+            if "eval_perplexity" in logs and state.global_step > 0:
                 self.eval = f"  eval ppl {logs['eval_perplexity']:.3f}"
             elif "loss" in logs:
                 elapsed = max(time.time() - self.start, 1e-9)
