@@ -68,6 +68,7 @@ def corpus_nll(
                 labels[row, :n] = torch.tensor(e["labels"])
                 mask[row, :n] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = logits[:, -width:]  # prompt tuning prepends virtual tokens' logits
             targets = labels[:, 1:].to(device)
             flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             nll = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -81,8 +82,12 @@ def corpus_nll(
     return {"tokens": count, "nll": total, "loss": loss, "perplexity": math.exp(loss) if count else float("nan")}
 
 
-def is_run(target: Path) -> bool:
-    return (target / "recipe.yaml").is_file() and (target / "adapter").is_dir()
+def run_artifact(target: Path) -> Path | None:
+    """A run directory's adapter/ or model/ folder; None when TARGET is not a finished run."""
+    for name in ("adapter", "model"):
+        if (target / "recipe.yaml").is_file() and (target / name).is_dir():
+            return target / name
+    return None
 
 
 def run(
@@ -99,9 +104,13 @@ def run(
 
     `progress(total_examples)` returns a per-batch callback, called once per scored model."""
     path = Path(target)
-    run_dir = path if is_run(path) else None
+    artifact = run_artifact(path)
+    run_dir = path if artifact else None
     if run_dir is None and path.is_dir() and not (path / "config.json").is_file():
-        raise FtuneError(f"{target}: neither a run directory (recipe.yaml + adapter/) nor a model folder (config.json)")
+        raise FtuneError(
+            f"{target}: neither a finished run directory (recipe.yaml + adapter/ or model/) "
+            "nor a model folder (config.json)"
+        )
     if compare_base and run_dir is None:
         raise FtuneError(f"--compare-base needs a run directory; {target} is a model")
     recipe = recipes.load(run_dir / "recipe.yaml") if run_dir else None
@@ -112,7 +121,7 @@ def run(
         names, records = _run_eval_data(recipe, target)
     if run_dir:
         source = models.resolve(recipe.model.base)
-        tokenizer = models.load_tokenizer(str(run_dir / "adapter"))
+        tokenizer = models.load_tokenizer(str(artifact))
     else:
         source = models.resolve(target)
         tokenizer = models.load_tokenizer(source, require_template=False)
@@ -127,20 +136,29 @@ def run(
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
 
-    model = models.load_model(source, recipe.model.dtype if recipe else "auto")
+    dtype = recipe.model.dtype if recipe else "auto"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def score(model) -> dict:
+        return corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+
     results = {}
-    if run_dir:
+    if run_dir is None:
+        results["model"] = score(models.load_model(source, dtype))
+    elif artifact.name == "model":  # full fine-tuning: two separate models
+        if compare_base or base_only:
+            results["base"] = score(models.load_model(source, dtype))
+        if not base_only:
+            results["tuned"] = score(models.load_model(str(artifact), dtype))
+    else:  # one base model, scored with the adapter and with it switched off
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+        model = PeftModel.from_pretrained(models.load_model(source, dtype), str(artifact))
         if compare_base or base_only:
             with model.disable_adapter():
-                results["base"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+                results["base"] = score(model)
         if not base_only:
-            results["tuned"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
-    else:
-        results["model"] = corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+            results["tuned"] = score(model)
     out = {
         "target": str(target),
         "base": recipe.model.base if recipe else str(target),

@@ -1,24 +1,83 @@
-"""What each method makes trainable: the PEFT config for a recipe's `method` section."""
+"""What each method makes trainable: quantization and PEFT configs, and what a run saves."""
 
 from __future__ import annotations
 
-from finetune_cli.recipe import MethodSection
+from finetune_cli.errors import FtuneError
 
 
-def peft_config(method: MethodSection):
-    from peft import LoraConfig
+def quantization_config(method, dtype_name: str):
+    """bitsandbytes settings for qlora (None for other methods); compute dtype follows the model's."""
+    if method.name != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
 
-    return LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=method.target_modules,
-        task_type="CAUSAL_LM",
+    if method.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype_name if method.compute_dtype == "auto" else method.compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute),
     )
 
 
+def peft_config(method, tokenizer_source: str):
+    """The PEFT config for lora, qlora and prompt_tuning; None for full fine-tuning."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
+
+    if method.name in ("lora", "qlora"):
+        return LoraConfig(
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=method.target_modules,
+            use_dora=method.use_dora,
+            use_rslora=method.use_rslora,
+            modules_to_save=method.modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+    if method.name == "prompt_tuning":
+        if method.init_text:
+            return PromptTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=method.num_virtual_tokens,
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text=method.init_text,
+                tokenizer_name_or_path=tokenizer_source,
+            )
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
+    return None
+
+
+def prepare(model, method, gradient_checkpointing: bool):
+    """QLoRA: make the k-bit model trainable (norms in fp32, input grads) before the adapter is added."""
+    if method.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def check_device(method, precision: str, optimizer: str) -> None:
+    """Refuse, before any model loads, what this machine cannot do."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "fp16" and not cuda:
+        raise FtuneError("training.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise FtuneError("training.precision: this GPU has no bf16; use fp16 or fp32")
+    if ("8bit" in optimizer or optimizer.startswith("paged")) and not cuda:
+        raise FtuneError(f"training.optimizer: {optimizer} needs a CUDA GPU; use adamw_torch on CPU")
+    if method.name == "qlora" and method.bits == 8 and not cuda:
+        raise FtuneError("method.bits: 8-bit loading needs a CUDA GPU; use bits: 4 on CPU")
+
+
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    return trainable, sum(p.numel() for p in model.parameters())

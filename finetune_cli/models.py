@@ -95,7 +95,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-def _dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     if name == "auto":
@@ -129,11 +129,15 @@ def load_tokenizer(
     return tokenizer
 
 
-def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False):
+def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False, quantization=None):
+    """Load weights in `dtype`; with a bitsandbytes `quantization` config, quantized (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
+    kwargs = {"quantization_config": quantization} if quantization is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
+        )
     except Exception as exc:  # noqa: BLE001
         raise _load_error(source, exc) from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,12 +38,37 @@ class DataSection(_Section):
         return self
 
 
-class MethodSection(_Section):
+class LoraMethod(_Section):
     name: Literal["lora"] = "lora"
     r: int = Field(default=16, gt=0)
     alpha: float = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+
+
+class QloraMethod(LoraMethod):
+    name: Literal["qlora"] = "qlora"
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class PromptTuningMethod(_Section):
+    name: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(default=20, gt=0)
+    init_text: str | None = None
+
+
+class FullMethod(_Section):
+    name: Literal["full"] = "full"
+
+
+METHODS = {"lora": LoraMethod, "qlora": QloraMethod, "prompt_tuning": PromptTuningMethod, "full": FullMethod}
+Method = Annotated[Union[LoraMethod, QloraMethod, PromptTuningMethod, FullMethod], Field(discriminator="name")]
 
 
 class TrainingSection(_Section):
@@ -59,6 +84,11 @@ class TrainingSection(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    ] = "adamw_torch"
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     seed: int = 42
     logging_steps: int = Field(default=1, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
@@ -71,7 +101,7 @@ class OutputSection(_Section):
 class Recipe(_Section):
     model: ModelSection = ModelSection()
     data: DataSection
-    method: MethodSection = MethodSection()
+    method: Method = LoraMethod()
     training: TrainingSection = TrainingSection()
     output: OutputSection = OutputSection()
 
@@ -104,14 +134,41 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
+    method = raw.get("method")
+    if isinstance(method, dict):
+        problem = _check_method(method)
+        if problem:
+            key, message = problem
+            where = "--set" if key in set_keys else _where(path, lines, tuple(key.split(".")))
+            raise FtuneError(f"{where}: {message}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
+        if loc[:1] == ("method",) and len(loc) > 1 and loc[1] in METHODS:
+            loc = loc[:1] + loc[2:]  # drop the union's tag from the key path
         key = ".".join(loc)
         where = "--set" if key in set_keys else _where(path, lines, loc)
         raise FtuneError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _check_method(method: dict) -> tuple[str, str] | None:
+    """A missing name means lora; a field of another method says which method it belongs to."""
+    name = method.setdefault("name", "lora")
+    if name not in METHODS:
+        return "method.name", f"'method.name' is {name!r}; expected one of {', '.join(map(repr, METHODS))}"
+    fields = METHODS[name].model_fields
+    for key in method:
+        if key in fields:
+            continue
+        owners = [m for m, cls in METHODS.items() if key in cls.model_fields]
+        if owners:
+            return f"method.{key}", f"'method.{key}' belongs to method {' / '.join(owners)}, not {name}; remove it"
+        close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+        hint = f"did you mean 'method.{close[0]}'?" if close else f"{name} takes: {', '.join(fields)}"
+        return f"method.{key}", f"unknown key 'method.{key}'; {hint}"
+    return None
 
 
 def _describe(err: dict, loc: tuple[str, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -32,6 +33,7 @@ def run(
         raise FtuneError(f"output.dir: {out} already holds a run; pass --overwrite or choose another output.dir")
 
     # Everything that can fail on the user's input happens before the run directory is touched.
+    methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
     d = recipe.data
     train_convs = read_conversations(d.train)
     eval_convs = read_conversations(d.eval) if d.eval else []
@@ -51,7 +53,9 @@ def run(
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
         + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
     )
-    model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code)
+    dtype = models.torch_dtype(recipe.model.dtype)
+    quantization = methods.quantization_config(recipe.method, str(dtype).removeprefix("torch."))
+    model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code, quantization)
 
     if out.exists():
         shutil.rmtree(out)
@@ -70,7 +74,9 @@ def run(
     files.write_json(out / "run.json", info)
     started = time.time()
     try:
-        result = _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples)
+        result = _train(
+            recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples
+        )
     except BaseException as exc:
         info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
         info["seconds"] = round(time.time() - started, 1)
@@ -83,14 +89,20 @@ def run(
     return {"run_dir": str(out), **info}
 
 
-def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples) -> dict:
+def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples):
     import datasets
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    t = recipe.training
+    t, method = recipe.training, recipe.method
     bf16 = t.precision == "bf16" or (t.precision == "auto" and _cuda_bf16())
     fp16 = t.precision == "fp16"
+    # The base model's own answers and eval loss, before any adapter or update touches it.
+    prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs[:samples]]
+    base_replies = [reply(model, tokenizer, p) for p in prompts]
+    before = corpus_nll(model, eval_examples, t.batch_size, tokenizer.pad_token_id) if eval_examples else None
+
+    model = methods.prepare(model, method, t.gradient_checkpointing)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -103,6 +115,8 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
@@ -112,7 +126,7 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         logging_nan_inf_filter=False,
         save_strategy="no",
         eval_strategy="no",
-        report_to="none",
+        report_to=t.report_to,
         disable_tqdm=True,
         max_length=None,  # examples are truncated by us, with counts reported
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -124,35 +138,27 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         args=args,
         train_dataset=datasets.Dataset.from_dict(columns),
         processing_class=tokenizer,
-        peft_config=methods.peft_config(recipe.method),
+        peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)
     metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
-    metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id)
+    metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
-    model = trainer.model
-    before = metrics.evaluate(0)
-    prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs[:samples]]
-    with model.disable_adapter():
-        base_replies = [reply(model, tokenizer, p) for p in prompts]
     try:
         train_output = trainer.train()
     finally:
         metrics_file.close()
+    model = trainer.model
     after = metrics.last_eval
     tuned_replies = [reply(model, tokenizer, p) for p in prompts]
-
-    adapter = out / "adapter"
-    tmp = out / ".adapter.tmp"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(adapter)
+    artifact = _save(model, tokenizer, recipe, out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     trainable, total = methods.count_parameters(model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
+        "method": method.name,
         "steps": trainer.state.global_step,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1] if losses else None,
@@ -165,11 +171,28 @@ def _train(recipe, model, tokenizer, train_examples, eval_examples, eval_convs, 
         "samples": [
             {"prompt": p[-1]["content"], "base": b, "tuned": a} for p, b, a in zip(prompts, base_replies, tuned_replies)
         ],
-        "adapter": str(adapter),
+        "artifact": str(artifact),
     }
 
 
-def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id):
+def _save(model, tokenizer, recipe, out: Path) -> Path:
+    """adapter/ (PEFT methods, with ftune.json naming base and quantization) or model/ (full), renamed into place."""
+    full = recipe.method.name == "full"
+    final = out / ("model" if full else "adapter")
+    tmp = out / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if full:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+    else:
+        model.save_pretrained(tmp)
+        method = recipe.method.model_dump()
+        files.write_json(tmp / "ftune.json", {"base": recipe.model.base, "method": method})
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(final)
+    return final
+
+
+def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
@@ -187,7 +210,8 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id):
             self.last_eval_step = step
             logs = {"eval_loss": self.last_eval["loss"], "eval_perplexity": self.last_eval["perplexity"]}
             # straight to the callbacks (this file, the progress bar): TRL's own log() would reset its metrics
-            trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, logs)
+            # (a copy of control: on_log clears should_log, which would drop this step's training log)
+            trainer.callback_handler.on_log(trainer.args, trainer.state, copy.copy(trainer.control), logs)
             return self.last_eval
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -210,6 +234,10 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id):
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
+            if before:
+                self.last_eval, self.last_eval_step = before, 0
+                logs = {"eval_loss": before["loss"], "eval_perplexity": before["perplexity"]}
+                trainer.callback_handler.on_log(args, state, copy.copy(control), logs)
 
         def on_step_end(self, args, state, control, **kw):
             if t.eval_steps and state.global_step % t.eval_steps == 0:

@@ -80,7 +80,8 @@ def train_summary(result: dict) -> None:
         )
     trainable, total = result["trainable_parameters"], result["total_parameters"]
     table.add_row("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    table.add_row("adapter", result["adapter"])
+    table.add_row("method", result["method"])
+    table.add_row("saved", result["artifact"])
     console.print(table)
     for sample in result.get("samples", []):
         console.print(f"[bold]prompt[/bold]  {sample['prompt']}")

@@ -162,7 +162,7 @@ def test_errors(tmp_path, tiny_model_dir, setup, args, message):
 def test_unknown_target(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_jsonl(tmp_path / "d.jsonl", texts(1))
-    for target, message in ((tmp_path, "neither a run directory"), ("nobody/nothing-here", "cannot load")):
+    for target, message in ((tmp_path, "neither a finished run directory"), ("nobody/nothing-here", "cannot load")):
         result = runner.invoke(app, ["eval", str(target), "--data", str(tmp_path / "d.jsonl")])
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1

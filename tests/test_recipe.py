@@ -95,3 +95,32 @@ def test_override_errors(tmp_path):
 def test_eval_and_eval_split_conflict(tmp_path):
     with pytest.raises(FtuneError, match="either data.eval or data.eval_split"):
         recipe.load(write(tmp_path, GOOD.replace("data:\n", "data:\n  eval: e.jsonl\n  eval_split: 0.1\n")))
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        (
+            "  name: lora\n  num_virtual_tokens: 8\n",
+            "r.yaml:9: 'method.num_virtual_tokens' belongs to method prompt_tuning, not lora",
+        ),
+        ("  name: full\n  r: 8\n", "r.yaml:9: 'method.r' belongs to method lora / qlora, not full"),
+        ("  name: lora\n  quant_type: nf4\n", "'method.quant_type' belongs to method qlora, not lora"),
+        ("  name: qlora\n  bits: 3\n", "r.yaml:9: 'method.bits' is 3; expected one of 4 or 8"),
+        ("  name: prompt_tuning\n  num_virtual_token: 8\n", "did you mean 'method.num_virtual_tokens'?"),
+        ("  name: dpo\n", "r.yaml:8: 'method.name' is 'dpo'; expected one of 'lora', 'qlora', 'prompt_tuning', 'full'"),
+    ],
+)
+def test_method_fields_belong_to_their_method(tmp_path, method, message):
+    with pytest.raises(FtuneError) as err:
+        recipe.load(write(tmp_path, GOOD + "method:\n" + method))
+    assert message in str(err.value)
+
+
+def test_each_method_validates_with_defaults(tmp_path):
+    for name in ("lora", "qlora", "prompt_tuning", "full"):
+        r = recipe.load(write(tmp_path, GOOD + f"method:\n  name: {name}\n"))
+        assert r.method.name == name
+    assert recipe.load(write(tmp_path, GOOD + "method:\n  r: 4\n")).method.name == "lora"
+    r = recipe.load(write(tmp_path, GOOD), ["method.name=qlora", "method.bits=8"])
+    assert r.method.bits == 8 and r.method.quant_type == "nf4"
