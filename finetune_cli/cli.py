@@ -123,5 +123,36 @@ def eval_(
             ui.eval_summary(result)
 
 
+recipes_app = typer.Typer(help="Shipped recipes: list them, copy one to start from.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")):
+    """List the shipped recipes with a one-line description."""
+    with _errors():
+        from finetune_cli import recipe, ui
+
+        items = recipe.shipped()
+        if as_json:
+            sys.stdout.write(json.dumps(items, indent=2) + "\n")
+        else:
+            ui.recipes_table(items)
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="Shipped recipe name (see `ftune recipes list`)."),
+    dest: Path = typer.Argument(..., help="File or folder to copy it to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+):
+    """Copy a shipped recipe to DEST to start from (data paths made absolute)."""
+    with _errors():
+        from finetune_cli import recipe
+
+        path = recipe.copy_shipped(name, dest, overwrite)
+        sys.stderr.write(f"copied {name} to {path}; edit it, then: ftune train {path}\n")
+
+
 def main() -> None:
     app()

@@ -258,3 +258,44 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
 def dump(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default filled in."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped() -> list[dict]:
+    """Shipped recipes: name, the first comment line as description, path."""
+    out = []
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        out.append({"name": path.stem, "description": first.lstrip("# ").strip(), "path": str(path)})
+    return out
+
+
+def copy_shipped(name: str, dest: str | Path, overwrite: bool = False) -> Path:
+    """Copy a shipped recipe, comments kept, with its relative data paths made absolute so it runs anywhere."""
+    import re
+
+    source = SHIPPED / f"{name.removesuffix('.yaml')}.yaml"
+    if not source.is_file():
+        names = ", ".join(r["name"] for r in shipped())
+        raise FtuneError(f"no shipped recipe '{name}'; choose one of: {names}")
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not overwrite:
+        raise FtuneError(f"{dest} exists; pass --overwrite or choose another destination")
+
+    def absolute(match: re.Match) -> str:
+        value = match.group(2)
+        local = SHIPPED / value
+        return f"{match.group(1)}{local.resolve()}" if not Path(value).is_absolute() and local.exists() else match[0]
+
+    text = re.sub(
+        r"^(\s+(?:train|eval|chat_template):\s*)(\S+)", absolute, source.read_text(encoding="utf-8"), flags=re.M
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(dest)
+    return dest

@@ -126,3 +126,12 @@ def eval_summary(result: dict) -> None:
         c = result["change"]
         console.print(f"perplexity change: {c['perplexity']:+.4f} ({100 * c['relative']:+.1f}%)")
     console.print(f"data: {', '.join(result['data'])}")
+
+
+def recipes_table(items: list[dict]) -> None:
+    table = Table(title="shipped recipes (ftune recipes copy NAME DEST)", title_justify="left")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("description")
+    for item in items:
+        table.add_row(item["name"], item["description"])
+    console.print(table)

@@ -90,10 +90,17 @@ def test_readme_documents_every_command_and_option():
     import typer.main
 
     readme = (ROOT / "README.md").read_text()
-    group = typer.main.get_command(app)
-    for name, command in group.commands.items():
-        assert f"### `ftune {name}" in readme, name
+    headings = [line for line in readme.splitlines() if line.startswith("### ")]
+
+    def check(command, name):
+        if hasattr(command, "commands"):
+            for sub, child in command.commands.items():
+                check(child, f"{name} {sub}".strip())
+            return
+        assert any(f"`ftune {name}" in h for h in headings), name
         for param in command.params:
             for opt in param.opts:
                 if opt.startswith("--") and opt != "--help":
                     assert f"`{opt}" in readme, f"{name} {opt}"
+
+    check(typer.main.get_command(app), "")

@@ -167,3 +167,34 @@ def test_template_error_names_the_line(templated):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
     with pytest.raises(FtuneError, match=r"data.jsonl:7: chat template cannot render.*alternate"):
         tokenize_all(templated["mistral"], [{"source": "data.jsonl:7", "messages": bad}], 100, "assistant")
+
+
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_system_message_folded_for_templates_without_system_role(tokenizer):
+    """Gemma's template raises on a system message; it is folded into the first user turn instead."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA
+    msgs = conversation(True, 2)
+    ex = tokenize(tok, msgs, max_length=4096)
+    pieces = [(tok.bos_token, False)]
+    first_user = True
+    for m in msgs[1:]:
+        if m["role"] == "user":
+            text = f"Be brief.\n\n{m['content']}" if first_user else m["content"]
+            first_user = False
+            pieces += [("<start_of_turn>", False), (f"user\n{text}", False), ("<end_of_turn>", False), ("\n", False)]
+        else:
+            pieces += [("<start_of_turn>", False), ("model\n", False), (m["content"], True)]
+            pieces += [("<end_of_turn>", True), ("\n", False)]
+    want_ids, want_runs = expected(tok, pieces)
+    assert ex["input_ids"] == want_ids
+    assert learned_runs(tok, ex["input_ids"], ex["labels"]) == want_runs

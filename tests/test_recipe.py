@@ -124,3 +124,45 @@ def test_each_method_validates_with_defaults(tmp_path):
     assert recipe.load(write(tmp_path, GOOD + "method:\n  r: 4\n")).method.name == "lora"
     r = recipe.load(write(tmp_path, GOOD), ["method.name=qlora", "method.bits=8"])
     assert r.method.bits == 8 and r.method.quant_type == "nf4"
+
+
+def test_every_shipped_recipe_validates():
+    names = [r["name"] for r in recipe.shipped()]
+    assert {
+        "quickstart",
+        "smollm2-qlora",
+        "smollm2-prompt-tuning",
+        "smollm2-full",
+        "llama-3.1-8b-qlora",
+        "mistral-7b-lora",
+        "qwen2.5-1.5b-full",
+        "gemma-2-2b-lora",
+    } <= set(names)
+    for item in recipe.shipped():
+        r = recipe.load(item["path"])
+        assert item["description"] and r.data.train.endswith(".jsonl")
+        text = open(item["path"]).read()
+        if "8b" in item["name"] or "7b" in item["name"] or "2b" in item["name"] or "1.5b" in item["name"]:
+            assert "GB" in text  # GPU recipes say how much memory they need
+
+
+def test_recipes_cli_list_and_copy(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["recipes", "list", "--json"]).stdout)
+    assert any(r["name"] == "quickstart" for r in listed)
+    result = runner.invoke(app, ["recipes", "copy", "smollm2-qlora", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    copied = tmp_path / "smollm2-qlora.yaml"
+    assert "# QLoRA on the builtin" in copied.read_text()  # comments kept
+    r = recipe.load(copied)  # runs from anywhere: the data paths point at the shipped files
+    assert r.method.name == "qlora" and open(r.data.train).readline().startswith('{"messages"')
+    again = runner.invoke(app, ["recipes", "copy", "smollm2-qlora", str(copied)])
+    assert again.exit_code == 2 and "exists; pass --overwrite" in again.stderr
+    missing = runner.invoke(app, ["recipes", "copy", "nope", str(tmp_path)])
+    assert missing.exit_code == 2 and "choose one of: " in missing.stderr

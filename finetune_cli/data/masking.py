@@ -17,7 +17,31 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    messages = _fold_system(tokenizer, messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_ACCEPTS_SYSTEM: dict[str, bool] = {}
+
+
+def _fold_system(tokenizer, messages: list[dict]) -> list[dict]:
+    """Templates with no system role (Gemma) raise on one: fold it into the first user turn, as their authors advise."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    template = tokenizer.chat_template or ""
+    if template not in _ACCEPTS_SYSTEM:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False)
+            _ACCEPTS_SYSTEM[template] = True
+        except Exception:  # noqa: BLE001 - any template error means: no system role
+            _ACCEPTS_SYSTEM[template] = False
+    if _ACCEPTS_SYSTEM[template]:
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
 
 
 def learned_spans(tokenizer, messages: list[dict], train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
