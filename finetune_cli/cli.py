@@ -39,6 +39,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if "transformers" in sys.modules:  # already imported (e.g. in-process callers): the env vars came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 @contextmanager
@@ -121,6 +126,86 @@ def eval_(
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:
             ui.eval_summary(result)
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    source: str = typer.Argument(..., help="Run directory or adapter folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; default: the one the adapter records."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 for the merged weights."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Fold a LoRA/QLoRA adapter into its full-precision base; write a plain transformers model folder."""
+    with _errors():
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise FtuneError(f"--dtype: {dtype!r}; expected float32, bfloat16 or float16")
+        from finetune_cli import export
+
+        result = export.merge(source, str(output), base, dtype, max_shard_size, overwrite)
+        if as_json:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        else:
+            sys.stderr.write(f"merged {result['adapter']} into {result['base']} ({dtype}): {result['output']}\n")
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="Run directory, adapter folder, merged/HF model folder or base name."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling probability."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample, or take the likeliest token."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+):
+    """Reply to one prompt with TARGET, rendered with its chat template; the reply streams to stdout."""
+    with _errors():
+        from finetune_cli import generate as gen
+
+        model, tokenizer = gen.load_target(target)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        gen.reply(model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream)
+        sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    target: str = typer.Argument(..., help="Run directory, adapter folder, merged/HF model folder or base name."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the conversation."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per reply."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling probability."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample, or take the likeliest token."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+):
+    """Keep a conversation going with TARGET in the terminal (an empty line or Ctrl-D ends it)."""
+    with _errors():
+        from finetune_cli import generate as gen
+
+        model, tokenizer = gen.load_target(target)
+        messages = [{"role": "system", "content": system}] if system else []
+        sys.stderr.write("chat: type a message; an empty line or Ctrl-D ends\n")
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line.strip()})
+            answer = gen.reply(
+                model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream
+            )
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": answer})
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 recipes_app = typer.Typer(help="Shipped recipes: list them, copy one to start from.", no_args_is_help=True)

@@ -44,6 +44,17 @@ def _fold_system(tokenizer, messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}, *rest]
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The EOS id and each end-of-turn token the chat template writes, so generation stops after a reply."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = tokenizer.chat_template or ""
+    for token in END_OF_TURN:
+        tid = tokenizer.convert_tokens_to_ids(token) if token in template else None
+        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
 def learned_spans(tokenizer, messages: list[dict], train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the character spans the model learns."""
     full = render(tokenizer, messages)

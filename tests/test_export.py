@@ -1,0 +1,206 @@
+"""`ftune merge-adapter` and `ftune generate`: merged models match plain PEFT and never merge into 4-bit weights."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune_cli.cli import app
+from tests.conftest import ROOT, conversation, write_jsonl
+
+runner = CliRunner()
+PROMPTS = [
+    "Order for Ana Ruiz: 2 x mug (red), deliver to Oslo, deadline Monday.",
+    "Hello! Wei Chen from Lima. I need 5 towels, blue if possible, by Friday.",
+]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def quick_run(tmp_path, recipe, name):
+    data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(4)])
+    result = invoke(
+        "train",
+        ROOT / "recipes" / recipe,
+        "--samples",
+        "0",
+        "--set",
+        f"output.dir={tmp_path / name}",
+        "--set",
+        f"data.train={data}",
+        "--set",
+        f"data.eval={data}",
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.learning_rate=5e-3",
+    )
+    assert result.exit_code == 0, result.output
+    return tmp_path / name
+
+
+def batch_logits(model, tok):
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits, enc["attention_mask"].bool()
+
+
+def greedy(model, tok, prompt):
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def plain_peft(base_dir, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+
+
+@pytest.mark.slow
+def test_lora_merge_matches_plain_peft(tmp_path, builtin_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = quick_run(tmp_path, "quickstart.yaml", "lora")
+    result = invoke("merge-adapter", run, "--output", tmp_path / "merged", "--json")
+    assert result.exit_code == 0, result.output
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    assert (merged_dir / "chat_template.jinja").is_file()
+    card = (merged_dir / "README.md").read_text()
+    assert "base_model: smollm2-135m-instruct" in card and '"name": "lora"' in card and "## Recipe" in card
+    gen_config = json.loads((merged_dir / "generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in [gen_config["eos_token_id"]] + [gen_config["eos_token_id"]]
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    reference = plain_peft(builtin_dir, run / "adapter")
+    (a, mask), (b, _) = batch_logits(merged, tok), batch_logits(reference, tok)
+    assert (a - b)[mask].abs().max() < 1e-4
+    assert (a - batch_logits(AutoModelForCausalLM.from_pretrained(builtin_dir), tok)[0])[mask].abs().max() > 1e-3
+    for prompt in PROMPTS:
+        assert greedy(merged, tok, prompt) == greedy(reference, tok, prompt)
+
+
+@pytest.mark.slow
+def test_qlora_merges_into_full_precision_weights(tmp_path, builtin_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_cli import methods, models
+    from finetune_cli.recipe import QloraMethod
+
+    run = quick_run(tmp_path, "smollm2-qlora.yaml", "qlora")
+    result = invoke("merge-adapter", run, "--output", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert all(p.dtype == torch.float32 for p in merged.parameters())  # plain weights, no 4-bit layers
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged_logits, mask = batch_logits(merged, tok)
+
+    # 1. exact: the merge equals the adapter applied to the same full-precision base through plain PEFT
+    reference = plain_peft(builtin_dir, run / "adapter")
+    assert (merged_logits - batch_logits(reference, tok)[0])[mask].abs().max() < 1e-4
+    for prompt in PROMPTS:
+        assert greedy(merged, tok, prompt) == greedy(reference, tok, prompt)
+
+    # 2. faithful to training: vs the adapter on the de-quantized 4-bit base it was trained on, the merged model
+    # differs by no more than the base's own 4-bit rounding error (measured here as fp32 base vs de-quantized
+    # base), with 50% headroom. A merge into 4-bit weights would add a second rounding of the adapter delta.
+    from peft import PeftModel
+
+    quantization = methods.quantization_config(QloraMethod(), "float32")
+    dequantized = models.load_model(str(builtin_dir), quantization=quantization).dequantize().float().eval()
+    base_fp32 = AutoModelForCausalLM.from_pretrained(builtin_dir).eval()
+    rounding = (batch_logits(base_fp32, tok)[0] - batch_logits(dequantized, tok)[0])[mask].abs().mean()
+    trained_on = PeftModel.from_pretrained(dequantized, run / "adapter").eval()
+    diff = (merged_logits - batch_logits(trained_on, tok)[0])[mask].abs().mean()
+    assert 0 < rounding and diff < 1.5 * rounding, (float(diff), float(rounding))
+
+
+@pytest.fixture
+def tiny_adapters(tmp_path, tiny_model_dir):
+    """A LoRA and a prompt-tuning adapter for the tiny model, made with plain PEFT."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, config in (
+        ("lora", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)),
+        ("prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    ):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    return tmp_path
+
+
+def test_lora_adapter_folder_merges(tiny_adapters, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tiny_adapters / "merged"
+    result = invoke("merge-adapter", tiny_adapters / "lora", "-o", out, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = plain_peft(tiny_model_dir, tiny_adapters / "lora")
+    a, mask = batch_logits(merged.float(), tok)
+    assert (a - batch_logits(ref, tok)[0])[mask].abs().max() < 0.05  # bf16 weights: about 3 significant digits
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{d}/prompt", "-o", "{d}/out"], "cannot be merged: it adds virtual tokens"),
+        (["{d}/nothing", "-o", "{d}/out"], "no such run directory or adapter folder"),
+        (["{d}", "-o", "{d}/out"], "no adapter here"),
+        (["{d}/lora", "-o", "{d}/out", "--base", "nobody/no-such-model"], "cannot load 'nobody/no-such-model'"),
+        (["{d}/lora", "-o", "{d}/out", "--base", "smollm2-135m-instruct"], "adapter does not fit base"),
+        (["{d}/lora", "-o", "{d}/lora"], "exists; pass --overwrite"),
+        (["{d}/lora", "-o", "{d}/out", "--dtype", "int4"], "--dtype"),
+    ],
+)
+def test_merge_errors_write_nothing(tiny_adapters, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = sorted(p.name for p in tiny_adapters.rglob("*"))
+    result = invoke("merge-adapter", *[a.format(d=tiny_adapters) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tiny_adapters.rglob("*")) == before
+
+
+def test_generate_and_chat_stream_to_stdout(tiny_adapters, tiny_model_dir):
+    for target in (tiny_adapters / "lora", tiny_model_dir):
+        result = invoke("generate", target, "-p", "Hello there", "--max-new-tokens", "5", "--seed", "1")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.endswith("\n") and result.stderr == ""
+    sampled = [
+        invoke(
+            "generate",
+            tiny_model_dir,
+            "-p",
+            "Hi",
+            "--do-sample",
+            "--temperature",
+            "1.5",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "7",
+        ).stdout
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # same seed, same sample
+    result = runner.invoke(app, ["chat", str(tiny_model_dir), "--max-new-tokens", "3"], input="Hi\nAgain\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("> ") == 3 and result.stdout.count("\n") >= 2  # two replies, then the end
