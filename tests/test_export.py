@@ -109,7 +109,8 @@ def test_qlora_merges_into_full_precision_weights(tmp_path, builtin_dir):
 
     # 1. exact: the merge equals the adapter applied to the same full-precision base through plain PEFT
     reference = plain_peft(builtin_dir, run / "adapter")
-    assert (merged_logits - batch_logits(reference, tok)[0])[mask].abs().max() < 1e-4
+    # (5e-4: float32 rounding of (W + BA)x against Wx + BAx, at logits of magnitude ~30)
+    assert (merged_logits - batch_logits(reference, tok)[0])[mask].abs().max() < 5e-4
     for prompt in PROMPTS:
         assert greedy(merged, tok, prompt) == greedy(reference, tok, prompt)
 
