@@ -56,8 +56,24 @@ def prepare(model, method, gradient_checkpointing: bool):
     if method.name == "qlora":
         from peft import prepare_model_for_kbit_training
 
+        restore_training_layout(model)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def restore_training_layout(model) -> None:
+    """Undo bitsandbytes' CPU inference packing of 4-bit weights before training continues.
+
+    On CPUs with AVX512-BF16, the first no-grad forward of a 4-bit layer in eval mode (our baseline eval,
+    sample generation, eval every eval_steps) repacks its weights in place for a CPU kernel; its training
+    path then learns far slower (measured: loss 0.91 -> 0.85 in 3 steps instead of 0.91 -> 0.11)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def check_device(method, precision: str, optimizer: str) -> None:

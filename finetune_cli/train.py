@@ -214,6 +214,7 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
             if not eval_examples:
                 return None
             self.last_eval = corpus_nll(trainer.model, eval_examples, t.batch_size, pad_token_id)
+            methods.restore_training_layout(trainer.model)
             self.last_eval_step = step
             logs = {"eval_loss": self.last_eval["loss"], "eval_perplexity": self.last_eval["perplexity"]}
             # straight to the callbacks (this file, the progress bar): TRL's own log() would reset its metrics
