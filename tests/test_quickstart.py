@@ -38,6 +38,27 @@ def test_quickstart_recipe_learns(tmp_path, builtin_dir):
     assert results["tuned"]["perplexity"] < results["base"]["perplexity"]
     assert results["tuned"]["perplexity"] == pytest.approx(after["perplexity"], rel=1e-4)
 
+    # ftune generate on the run shows the learned behaviour on a prompt from the shipped eval data
+    first = json.loads((ROOT / "recipes" / "data" / "quickstart" / "eval.jsonl").read_text().splitlines()[3])
+    system, user, answer = (m["content"] for m in first["messages"])
+    out = subprocess.run([ftune, "generate", run, "--system", system, "-p", user], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == answer  # exactly the JSON record for this order
+
+    # the merged model stops at the end-of-turn token instead of running to max_new_tokens
+    merged = tmp_path / "merged"
+    out = subprocess.run([ftune, "merge-adapter", run, "-o", merged], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tok = AutoTokenizer.from_pretrained(merged)
+    prompt = tok.apply_chat_template(
+        first["messages"][:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        new = model.generate(**prompt, max_new_tokens=120, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert len(new) < 120 and int(new[-1]) == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(new, skip_special_tokens=True).strip() == answer
+
     tok = AutoTokenizer.from_pretrained(run / "adapter")
     ids = tok("Order for Ana Ruiz: 2 x mug (red), deliver to Oslo, deadline Monday.", return_tensors="pt").input_ids
     base = AutoModelForCausalLM.from_pretrained(builtin_dir)
