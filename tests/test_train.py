@@ -117,3 +117,25 @@ def test_overwrite_replaces_the_run(tiny_recipe):
     assert result.exit_code == 0, result.output
     assert not (run / "stale.txt").exists() and (run / "adapter" / "adapter_config.json").is_file()
     assert "ftune train" in result.stderr and "trainable" in result.stderr  # the summary table
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["training.gradient_checkpointing=true", "training.gradient_accumulation=2"],
+        ["training.precision=bf16", "training.optimizer=adafactor", "training.lr_scheduler=linear"],
+        ["training.optimizer=sgd", "training.max_grad_norm=0.5", "training.weight_decay=0.1"],
+    ],
+)
+def test_training_options(tiny_recipe, overrides):
+    args = ["train", str(tiny_recipe), "--json", "--samples", "0", "--set", "training.max_steps=2"]
+    for item in overrides:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    saved = (tiny_recipe.parent / "run" / "recipe.yaml").read_text()
+    for item in overrides:
+        key, value = item.split("=")
+        assert f"{key.split('.')[-1]}: {value}" in saved
