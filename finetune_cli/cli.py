@@ -70,11 +70,13 @@ def _errors():
 
 @app.command()
 def train(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file, or a run directory to resume."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest complete checkpoint."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue although the recipe changed."),
     samples: int = typer.Option(1, "--samples", help="Eval prompts answered by base and tuned model at the end."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ):
@@ -83,10 +85,28 @@ def train(
         from finetune_cli import recipe, ui
         from finetune_cli import train as training
 
+        run_dir = recipe_path if recipe_path.is_dir() else None
+        if run_dir:  # a run directory: its own resolved recipe
+            if not resume:
+                raise FtuneError(f"{run_dir} is a run directory; pass --resume to continue it")
+            recipe_path = run_dir / "recipe.yaml"
         resolved = recipe.load(recipe_path, set_ or [])
+        if run_dir:
+            resolved.output.dir = str(run_dir)
         result = training.run(
-            resolved, overwrite=overwrite, callbacks=[ui.progress_callback()], samples=samples, log=ui.status
+            resolved,
+            overwrite=overwrite,
+            callbacks=[ui.progress_callback()],
+            samples=samples,
+            log=ui.status,
+            resume=resume,
+            force=force,
         )
+        if result.get("already_completed"):
+            sys.stderr.write(f"{result['run_dir']} is already completed; nothing to resume\n")
+            if as_json:
+                sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+            return
         if as_json:
             sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         else:

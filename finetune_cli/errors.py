@@ -2,6 +2,7 @@
 
 USAGE = 2  # bad input: recipe, data, missing file, unknown model
 FAILED = 1  # the run itself failed
+INTERRUPTED = 130  # Ctrl-C or SIGTERM: a checkpoint was saved
 
 
 class FtuneError(Exception):

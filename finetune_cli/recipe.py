@@ -92,6 +92,8 @@ class TrainingSection(_Section):
     seed: int = 42
     logging_steps: int = Field(default=1, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
+    save_steps: int | None = Field(default=100, gt=0)
+    save_total_limit: int = Field(default=2, gt=0)
 
 
 class OutputSection(_Section):

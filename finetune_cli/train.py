@@ -5,9 +5,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import os
 import platform
+import re
 import shutil
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +20,7 @@ from finetune_cli import __version__, files, methods, models
 from finetune_cli import recipe as recipes
 from finetune_cli.data.jsonl import read_conversations, split
 from finetune_cli.data.masking import tokenize_all
-from finetune_cli.errors import FAILED, FtuneError
+from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.evaluate import corpus_nll
 from finetune_cli.generate import reply
 
@@ -26,11 +31,22 @@ def run(
     callbacks: list = (),
     samples: int = 1,
     log: Callable[[str], None] = lambda msg: None,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict:
     """Train as the recipe says and write the run directory; return the summary that run.json holds."""
     out = Path(recipe.output.dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FtuneError(f"output.dir: {out} already holds a run; pass --overwrite or choose another output.dir")
+    checkpoint = None
+    if resume:
+        previous = _previous_run(recipe, out, force)
+        if previous.get("status") == "completed":
+            return {"run_dir": str(out), **previous, "already_completed": True}
+        checkpoint = latest_checkpoint(out)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FtuneError(
+            f"output.dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output.dir"
+        )
 
     # Everything that can fail on the user's input happens before the run directory is touched.
     methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
@@ -57,12 +73,17 @@ def run(
     quantization = methods.quantization_config(recipe.method, str(dtype).removeprefix("torch."))
     model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code, quantization)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    files.write_text(out / "recipe.yaml", recipes.dump(recipe))
+    if resume:
+        _trim_metrics(out / "metrics.jsonl", _checkpoint_step(checkpoint))
+        log(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting from step 0")
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        files.write_text(out / "recipe.yaml", recipes.dump(recipe))
     info = {
         "status": "running",
+        **({"resumed_from": str(checkpoint)} if checkpoint else {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "data": {
@@ -73,10 +94,22 @@ def run(
     }
     files.write_json(out / "run.json", info)
     started = time.time()
+    stop = _StopRequest()
     try:
-        result = _train(
-            recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples
-        )
+        with stop.on_signals():
+            result = _train(
+                recipe,
+                source,
+                model,
+                tokenizer,
+                train_examples,
+                eval_examples,
+                eval_convs,
+                out,
+                [*callbacks, stop.callback()],
+                samples,
+                checkpoint,
+            )
     except BaseException as exc:
         info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
         info["seconds"] = round(time.time() - started, 1)
@@ -84,12 +117,24 @@ def run(
         if isinstance(exc, (FtuneError, KeyboardInterrupt)):
             raise
         raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
+    if stop.requested:
+        info.update(status="interrupted", reason=f"{stop.requested} at step {result['steps']}", **result)
+        info["seconds"] = round(time.time() - started, 1)
+        files.write_json(out / "run.json", info)
+        raise FtuneError(
+            f"interrupted ({stop.requested}) at step {result['steps']}; checkpoint saved. "
+            f"Continue with: ftune train {out} --resume",
+            INTERRUPTED,
+        )
     info.update(status="completed", seconds=round(time.time() - started, 1), **result)
     files.write_json(out / "run.json", info)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is whole: its artifact replaces them
     return {"run_dir": str(out), **info}
 
 
-def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples):
+def _train(
+    recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples, checkpoint
+):
     import datasets
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -104,7 +149,7 @@ def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval
 
     model = methods.prepare(model, method, t.gradient_checkpointing)
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(out / ".staging"),  # checkpoints are written here, then renamed into checkpoints/
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
@@ -124,7 +169,8 @@ def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval
         use_cpu=not _cuda(),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
         eval_strategy="no",
         report_to=t.report_to,
         disable_tqdm=True,
@@ -145,15 +191,16 @@ def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval
     metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
     metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
+    trainer.add_callback(_checkpoints_callback(out, t.save_total_limit))
     try:
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         metrics_file.close()
     model = trainer.model
     after = metrics.last_eval
-    tuned_replies = [reply(model, tokenizer, p) for p in prompts]
-    artifact = _save(model, tokenizer, recipe, out)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    stopped = any(getattr(cb, "stop_requested", False) for cb in trainer.callback_handler.callbacks)
+    tuned_replies = [] if stopped else [reply(model, tokenizer, p) for p in prompts]
+    artifact = None if stopped else _save(model, tokenizer, recipe, out)
 
     trainable, total = methods.count_parameters(model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -171,7 +218,7 @@ def _train(recipe, source, model, tokenizer, train_examples, eval_examples, eval
         "samples": [
             {"prompt": p[-1]["content"], "base": b, "tuned": a} for p, b, a in zip(prompts, base_replies, tuned_replies)
         ],
-        "artifact": str(artifact),
+        "artifact": str(artifact) if artifact else None,
     }
 
 
@@ -217,6 +264,12 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
 
         def on_log(self, args, state, control, logs=None, **kw):
             row = {"step": state.global_step}
+            if "loss" in logs and not math.isfinite(logs["loss"]):
+                raise FtuneError(
+                    f"training loss became {logs['loss']} at step {state.global_step}; stopped. The last good "
+                    "checkpoint is kept: lower training.learning_rate (or check the data) and start again",
+                    FAILED,
+                )
             if "loss" in logs:
                 elapsed = time.time() - self.start
                 row.update(
@@ -235,7 +288,7 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
-            if before:
+            if before and state.global_step == 0:
                 self.last_eval, self.last_eval_step = before, 0
                 logs = {"eval_loss": before["loss"], "eval_perplexity": before["perplexity"]}
                 trainer.callback_handler.on_log(args, state, copy.copy(control), logs)
@@ -245,10 +298,126 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
                 self.evaluate(state.global_step)
 
         def on_train_end(self, args, state, control, **kw):
-            if self.last_eval_step != state.global_step:
+            stopped = any(getattr(cb, "stop_requested", False) for cb in trainer.callback_handler.callbacks)
+            if self.last_eval_step != state.global_step and not stopped:
                 self.evaluate(state.global_step)
 
     return Metrics()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: renamed into checkpoints/ only once fully written."""
+    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=_checkpoint_step) if found else None
+
+
+def _checkpoint_step(path: Path | None) -> int:
+    return int(re.search(r"(\d+)$", path.name).group(1)) if path else 0
+
+
+def _checkpoints_callback(out: Path, limit: int):
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        """Move each finished checkpoint from .staging/ into checkpoints/ in one rename; keep the newest `limit`."""
+
+        def on_save(self, args, state, control, **kw):
+            staged = out / ".staging" / f"checkpoint-{state.global_step}"
+            if not staged.is_dir():
+                return
+            final = out / "checkpoints" / staged.name
+            final.parent.mkdir(exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            kept = sorted((p for p in final.parent.glob("checkpoint-*")), key=_checkpoint_step)
+            for old in kept[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return Checkpoints()
+
+
+class _StopRequest:
+    """First Ctrl-C or SIGTERM: checkpoint and stop after the current step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = None
+
+    @contextmanager
+    def on_signals(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        previous = {sig: signal.getsignal(sig) for sig in names}
+
+        def handler(sig, frame):
+            self.requested = names[sig]
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+
+        for sig in names:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        request = self
+
+        class StopOnSignal(TrainerCallback):
+            stop_requested = False
+
+            def on_step_end(self, args, state, control, **kw):
+                if request.requested:
+                    self.stop_requested = True
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopOnSignal()
+
+
+def _previous_run(recipe, out: Path, force: bool) -> dict:
+    """The run to resume; refuse a changed recipe (naming the keys) unless `force`."""
+    if not (out / "run.json").is_file() or not (out / "recipe.yaml").is_file():
+        raise FtuneError(f"--resume: {out} holds no run to resume (no run.json); start it without --resume")
+    previous = json.loads((out / "run.json").read_text())
+    import yaml
+
+    saved = _flatten(yaml.safe_load((out / "recipe.yaml").read_text()))
+    now = _flatten(recipe.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "output.dir")
+    if changed and not force:
+        raise FtuneError(
+            f"--resume: the recipe differs from the run's own in {', '.join(changed)}; "
+            "resume with the run's recipe (ftune train RUN_DIR --resume) or pass --force"
+        )
+    return previous
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _last_assistant(messages: list[dict]) -> int:
