@@ -128,7 +128,8 @@ def run(
         )
     info.update(status="completed", seconds=round(time.time() - started, 1), **result)
     files.write_json(out / "run.json", info)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is whole: its artifact replaces them
+    for folder in ("checkpoints", ".staging"):  # the run is whole: its artifact replaces them
+        shutil.rmtree(out / folder, ignore_errors=True)
     return {"run_dir": str(out), **info}
 
 
