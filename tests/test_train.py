@@ -103,7 +103,7 @@ def test_refuses_to_overwrite_a_run(trained):
     recipe, run, _ = trained
     before = (run / "run.json").read_text()
     result = runner.invoke(app, ["train", str(recipe)])
-    assert result.exit_code == 2 and "already holds a run; pass --overwrite" in result.stderr
+    assert result.exit_code == 2 and "already holds a run; pass --resume to continue it, --overwrite" in result.stderr
     assert (run / "run.json").read_text() == before
 
 
