@@ -139,3 +139,18 @@ def test_training_options(tiny_recipe, overrides):
     for item in overrides:
         key, value = item.split("=")
         assert f"{key.split('.')[-1]}: {value}" in saved
+
+
+def test_secrets_never_written(tiny_recipe, monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    result = runner.invoke(
+        app, ["train", str(tiny_recipe), "--json", "--samples", "0", "--set", "training.max_steps=1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    for path in (tiny_recipe.parent / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    # weights are safetensors, never pickles
+    assert not list((tiny_recipe.parent / "run").rglob("*.bin"))

@@ -1,0 +1,145 @@
+"""Fuzzing `ftune train` with random and mutated recipes and JSONL: every run ends with exit 0, 1 or 2, a one-line
+error, never a traceback, and writes nothing outside its output folder."""
+
+import copy
+import json
+import random
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from finetune_cli.cli import app
+from tests.conftest import conversation
+
+runner = CliRunner()
+VALUES = [
+    None,
+    "",
+    "x",
+    -1,
+    0,
+    1,
+    2.5,
+    1e30,
+    -1e-9,
+    True,
+    [],
+    [1, "a"],
+    {},
+    {"a": 1},
+    "nan",
+    "inf",
+    "all-linear",
+    "lora",
+    "full",
+    "qlora",
+    "prompt_tuning",
+    "bf16",
+    "fp16",
+    "../../etc",
+    "\x00",
+    "é" * 50,
+]
+
+
+def valid_recipe(model_dir):
+    return {
+        "model": {"base": str(model_dir)},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
+        "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": 1, "batch_size": 2, "save_steps": 1},
+        "output": {"dir": "out"},
+    }
+
+
+def mutate_recipe(rng, recipe):
+    recipe = copy.deepcopy(recipe)
+    for _ in range(rng.randint(1, 3)):
+        section = rng.choice(["model", "data", "method", "training"])  # output.dir is where writing is allowed
+        if not isinstance(recipe[section], dict) or rng.random() < 0.1:
+            recipe[section] = rng.choice(VALUES)
+            continue
+        keys = list(recipe[section]) or ["x"]
+        choice = rng.random()
+        key = rng.choice(keys)
+        if choice < 0.4:
+            recipe[section][key] = rng.choice(VALUES)
+        elif choice < 0.6:
+            recipe[section].pop(key, None)
+        elif choice < 0.8:
+            recipe[section][key[:-1] + rng.choice("xyz_")] = rng.choice(VALUES)
+        else:
+            field = rng.choice(
+                [
+                    "epochs",
+                    "learning_rate",
+                    "precision",
+                    "optimizer",
+                    "num_virtual_tokens",
+                    "bits",
+                    "lr_scheduler",
+                    "train_on",
+                    "eval_split",
+                    "dtype",
+                    "chat_template",
+                    "use_dora",
+                ]
+            )
+            recipe[section][field] = rng.choice(VALUES)
+    return recipe
+
+
+def jsonl_lines(rng, n):
+    lines = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.6:
+            lines.append(json.dumps(conversation(i, turns=rng.randint(1, 2))))
+        elif r < 0.7:
+            lines.append(
+                json.dumps(
+                    {"messages": [{"role": rng.choice(["user", "assistant", "bot", 3]), "content": rng.choice(VALUES)}]}
+                )
+            )
+        elif r < 0.8:
+            lines.append(json.dumps(rng.choice(VALUES)))
+        elif r < 0.9:
+            lines.append(json.dumps(conversation(i))[: rng.randint(0, 40)])
+        else:
+            lines.append("".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 30))).replace("\n", " "))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
+    rng = random.Random(1234)
+    base = valid_recipe(tiny_model_dir)
+    seen = {0: 0, 1: 0, 2: 0}
+    for case in range(150):
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)  # output.dir "out" is relative to the working directory
+        clean = rng.random() < 0.5
+        (folder / "train.jsonl").write_text(
+            "\n".join(json.dumps(conversation(i)) for i in range(4)) if clean else jsonl_lines(rng, rng.randint(0, 6))
+        )
+        (folder / "eval.jsonl").write_text(jsonl_lines(rng, 2) if rng.random() < 0.3 else json.dumps(conversation(9)))
+        recipe = mutate_recipe(rng, base) if rng.random() < 0.7 else base
+        text = yaml.safe_dump(recipe) if rng.random() < 0.9 else yaml.safe_dump(recipe)[: rng.randint(0, 60)] + ":["
+        (folder / "recipe.yaml").write_text(text)
+        before = {p for p in folder.rglob("*")}
+        result = runner.invoke(
+            app, ["train", str(folder / "recipe.yaml"), "--samples", "0"], env={"HF_HUB_OFFLINE": "1"}
+        )
+        where = f"case {case}: {text!r}\n{result.output}"
+        assert result.exit_code in (0, 1, 2), where
+        assert result.exception is None or isinstance(result.exception, SystemExit), where
+        assert "Traceback" not in result.output, where
+        if result.exit_code:
+            lines = result.stderr.strip().splitlines()
+            assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, where
+        outside = {p for p in folder.rglob("*")} - before
+        assert all("out" in p.relative_to(folder).parts[:1] for p in outside), (where, outside)
+        seen[result.exit_code] += 1
+    assert seen[0] > 5 and seen[2] > 50, seen  # both paths were exercised
