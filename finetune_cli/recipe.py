@@ -94,6 +94,7 @@ class TrainingSection(_Section):
     eval_steps: int | None = Field(default=None, gt=0)
     save_steps: int | None = Field(default=100, gt=0)
     save_total_limit: int = Field(default=2, gt=0)
+    save_every_epoch: bool = False
 
 
 class OutputSection(_Section):

@@ -192,7 +192,7 @@ def _train(
     metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
     metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
-    trainer.add_callback(_checkpoints_callback(out, t.save_total_limit))
+    trainer.add_callback(_checkpoints_callback(out, t.save_total_limit, t.save_every_epoch))
     try:
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
@@ -316,11 +316,15 @@ def _checkpoint_step(path: Path | None) -> int:
     return int(re.search(r"(\d+)$", path.name).group(1)) if path else 0
 
 
-def _checkpoints_callback(out: Path, limit: int):
+def _checkpoints_callback(out: Path, limit: int, every_epoch: bool):
     from transformers import TrainerCallback
 
     class Checkpoints(TrainerCallback):
         """Move each finished checkpoint from .staging/ into checkpoints/ in one rename; keep the newest `limit`."""
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if every_epoch:
+                control.should_save = True
 
         def on_save(self, args, state, control, **kw):
             staged = out / ".staging" / f"checkpoint-{state.global_step}"

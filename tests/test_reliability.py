@@ -178,3 +178,24 @@ def test_resume_refuses_a_changed_recipe(recipe, tmp_path):
     assert out.returncode == 2
     assert "differs from the run's own in training.learning_rate" in out.stderr
     assert os.path.exists(info_path) and json.loads(info_path.read_text())["status"] == "interrupted"
+
+
+def test_checkpoint_at_each_epoch_end(recipe, tmp_path):
+    """20 examples at batch 4 make 5 steps an epoch; with save_every_epoch a checkpoint lands at step 5."""
+    proc = start(
+        "train",
+        recipe,
+        "--samples",
+        "0",
+        "--set",
+        "training.save_steps=null",
+        "--set",
+        "training.save_every_epoch=true",
+        "--set",
+        "training.save_total_limit=5",
+    )
+    run = tmp_path / "run"
+    wait_for(lambda: (run / "checkpoints" / "checkpoint-5" / "trainer_state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-5"]
