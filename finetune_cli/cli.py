@@ -223,6 +223,62 @@ def chat(
             messages.append({"role": "assistant", "content": answer})
 
 
+@app.command()
+def validate(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Check a recipe and every data line without loading weights; exit 1 when a line is bad."""
+    with _errors():
+        from finetune_cli import recipe, ui
+        from finetune_cli import validate as checks
+
+        report = checks.validate(recipe.load(recipe_path, set_ or []))
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            ui.validate_report(report)
+        if not report["ok"]:
+            raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    index: int = typer.Option(0, "--index", min=0, help="First training example to show (0-based)."),
+    count: int = typer.Option(1, "--count", min=1, help="How many examples to show."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print token ids, strings and label flags as JSON."),
+):
+    """Show training examples as the model sees them: learned tokens highlighted, token boundaries visible."""
+    with _errors():
+        from finetune_cli import recipe, ui
+        from finetune_cli import validate as checks
+
+        examples = checks.preview(recipe.load(recipe_path, set_ or []), index, count)
+        if as_json:
+            sys.stdout.write(json.dumps(examples, indent=2) + "\n")
+        else:
+            ui.preview(examples)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Builtin name, local HF folder, hub id or .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
+):
+    """Architecture, size, context, special tokens, chat template and memory of a model (no weights loaded)."""
+    with _errors():
+        from finetune_cli import inspect_model, ui
+
+        info = inspect_model.inspect(model)
+        if as_json:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        else:
+            ui.console.print(inspect_model.render(info))
+
+
 def _stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

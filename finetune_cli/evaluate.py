@@ -12,8 +12,8 @@ from typing import Callable
 
 from finetune_cli import files, models
 from finetune_cli import recipe as recipes
-from finetune_cli.data.jsonl import read_conversations, split
-from finetune_cli.data.masking import IGNORE, tokenize_all
+from finetune_cli.data import cache, jsonl
+from finetune_cli.data.masking import IGNORE
 from finetune_cli.errors import FtuneError
 
 
@@ -32,10 +32,12 @@ def windows(ids: list[int], context: int, stride: int) -> list[dict]:
         begin += stride
 
 
-def build_examples(tokenizer, records: list[dict], max_length: int, train_on: str, stride: int) -> list[dict]:
+def build_examples(
+    tokenizer, records: list[dict], max_length: int, train_on: str, stride: int, use_cache: bool = True
+) -> list[dict]:
     """Token ids and labels for chat records (training's masks) and text records (sliding windows)."""
     chats = [r for r in records if "messages" in r]
-    examples = tokenize_all(tokenizer, chats, max_length, train_on)[0] if chats else []
+    examples = cache.tokenize(tokenizer, chats, max_length, train_on, use_cache)[0] if chats else []
     for r in records:
         if "text" in r:
             ids = tokenizer(r["text"])["input_ids"]
@@ -116,7 +118,7 @@ def run(
     recipe = recipes.load(run_dir / "recipe.yaml") if run_dir else None
     if data:
         names = [str(f) for f in data]
-        records = [r for f in data for r in read_conversations(f, allow_text=True)]
+        records = [r for f in data for r in jsonl.read(f)]
     else:
         names, records = _run_eval_data(recipe, target)
     if run_dir:
@@ -132,7 +134,7 @@ def run(
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise FtuneError(f"--stride must be between 1 and the context length ({context})")
-    examples = build_examples(tokenizer, records, context, train_on, stride)
+    examples = build_examples(tokenizer, records, context, train_on, stride, recipe.data.cache if recipe else True)
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
 
@@ -179,9 +181,10 @@ def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:
     """The run's own eval data: its eval file, or the same held-out split training used."""
     if recipe is None:
         raise FtuneError(f"{target} is a model, not a run: pass the data to score with --data FILE.jsonl")
-    if recipe.data.eval:
-        return [recipe.data.eval], read_conversations(recipe.data.eval)
-    if recipe.data.eval_split:
-        held = split(read_conversations(recipe.data.train), recipe.data.eval_split, recipe.training.seed)[1]
-        return [f"{recipe.data.train} (eval_split {recipe.data.eval_split})"], held
+    d = recipe.data
+    if d.eval:
+        return [d.eval], jsonl.read(d.eval, d.format, d.columns, d.system_prompt)
+    if d.eval_split:
+        held = jsonl.load(d, recipe.training.seed)[1]
+        return [f"training data (eval_split {d.eval_split})"], held
     raise FtuneError(f"{target}: the run's recipe has no eval data; pass --data FILE.jsonl")

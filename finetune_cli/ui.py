@@ -135,3 +135,51 @@ def recipes_table(items: list[dict]) -> None:
     for item in items:
         table.add_row(item["name"], item["description"])
     console.print(table)
+
+
+def validate_report(report: dict) -> None:
+    table = Table(title="ftune validate", title_justify="left")
+    for col in ("file", "format", "examples", "bad lines"):
+        table.add_column(col, justify="left" if col in ("file", "format") else "right", overflow="fold")
+    for f in report["files"]:
+        table.add_row(f["path"], f["format"] or "-", f"{f['examples']:,}", str(f["errors"]))
+    console.print(table)
+    for kind, items in report["errors"].items():
+        console.print(f"[bold red]{kind}[/bold red]: {len(items)} line(s)")
+        for item in items[:10]:
+            console.print(f"  {item['where']}: {item['message']}", markup=False)
+        if len(items) > 10:
+            console.print(f"  ... and {len(items) - 10} more (--json lists all)")
+    for warning in report["warnings"][:20]:
+        console.print(f"warning: {warning}", markup=False, style="yellow")
+    s = report["stats"]
+    stats = Table(title="training data (before truncation)", title_justify="left")
+    for col in ("per example", "min", "p50", "p95", "max"):
+        stats.add_column(col, justify="left" if col == "per example" else "right")
+    for name, key in (("tokens", "tokens"), ("learned tokens", "learned_tokens")):
+        stats.add_row(name, *(f"{s[key][q]:,}" for q in ("min", "p50", "p95", "max")))
+    console.print(stats)
+    console.print(
+        f"{s['examples']:,} examples; {s['over_max_length']:,} over max_length {s['max_length']:,} "
+        f"(truncation loses {s['learned_tokens_lost_to_truncation']:,} learned tokens); "
+        f"{s['learned_tokens_per_epoch']:,} learned tokens per epoch; {s['steps_per_epoch']:,} steps per epoch"
+    )
+    if report["ok"]:
+        console.print("[green]ok[/green]: no bad lines")
+    else:
+        console.print(f"[red]{report['error_count']} bad line(s)[/red]")
+
+
+def preview(examples: list[dict]) -> None:
+    """Tokens on alternating shades so boundaries show; learned tokens green, masked ones grey."""
+    from rich.text import Text
+
+    styles = {True: ("black on green3", "black on dark_sea_green2"), False: ("grey70 on grey15", "grey70 on grey30")}
+    for ex in examples:
+        console.rule(f"{ex['source']}  {ex['count']} tokens, {ex['learned']} learned" + ", truncated" * ex["truncated"])
+        text = Text()
+        for i, tok in enumerate(ex["tokens"]):
+            piece = tok["text"].replace("\n", "\u21b5\n")
+            text.append(piece, style=styles[tok["learned"]][i % 2])
+        console.print(text)
+    console.print(Text.assemble(("learned", "black on green3"), "  ", ("not learned", "grey70 on grey15")))

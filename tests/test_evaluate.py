@@ -144,7 +144,7 @@ def test_human_table(tiny_run):
     "setup, args, message",
     [
         (lambda p: p.write_text(""), ["--data", "{f}"], "no examples"),
-        (lambda p: write_jsonl(p, [{"text": ""}, {"text": "the"}]), ["--data", "{f}"], "no scorable tokens"),
+        (lambda p: write_jsonl(p, [{"text": "the"}, {"text": "a"}]), ["--data", "{f}"], "no scorable tokens"),
         (lambda p: None, ["--data", "{f}"], "data file not found"),
         (lambda p: p.write_text("{oops\n"), ["--data", "{f}"], "d.jsonl:1: not valid JSON"),
         (lambda p: None, [], "is a model, not a run: pass the data"),

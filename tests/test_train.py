@@ -37,7 +37,7 @@ def test_run_directory(trained):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 4
     assert info["versions"]["trl"] and info["data"]["train"]["examples"] == 16
-    assert len(info["data"]["train"]["sha256"]) == 64
+    assert len(info["data"]["train"]["files"][0]["sha256"]) == 64 and info["data"]["train"]["cache"] in ("hit", "miss")
     assert summary["run_dir"] == str(run) and summary["trainable_parameters"] < summary["total_parameters"]
     assert summary["samples"][0]["prompt"] == "What is 100 plus 0?"
     # the saved recipe repeats the run: every default is filled in and paths are absolute

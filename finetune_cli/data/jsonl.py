@@ -1,66 +1,110 @@
-"""Reading and validating JSONL chat data (OpenAI `messages` format)."""
+"""Reading JSONL data files in any supported format; mixing weighted files; held-out splits."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+from finetune_cli.data.formats import LineError, convert, detect, rename
 from finetune_cli.errors import FtuneError
 
-ROLES = ("system", "user", "assistant")
+NO_FORMAT = (
+    'fits no data format: expected "messages" (OpenAI chat), "conversations" (ShareGPT), '
+    '"instruction"+"output" (alpaca), "prompt"+"completion", or "text"; map other field names with data.columns'
+)
 
 
-def read_conversations(path: str | Path, allow_text: bool = False) -> list[dict]:
-    """Return `{"source": "file:line", "messages": [...]}` per non-blank line; raise FtuneError naming the line.
+def parse(
+    path: str | Path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
+) -> tuple[list[dict], list[LineError], str | None]:
+    """Every line of a file: (records, errors, format). Records are `{"source": "file:line", "messages"|"text"}`.
 
-    With `allow_text`, a line may instead be `{"text": "..."}` (plain text, scored on every token)."""
+    With `fmt="auto"` the format is the one of the first line that fits a format, and a later line in
+    another format is an error. `system_prompt` is added to conversations that have no system message."""
     path = Path(path)
     if not path.is_file():
         raise FtuneError(f"{path}: data file not found")
-    conversations = []
-    with path.open(encoding="utf-8") as f:
+    records, errors, detected_at = [], [], None
+    with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                raw = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise FtuneError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            source = f"{path}:{lineno}"
-            if allow_text and isinstance(record, dict) and "messages" not in record and "text" in record:
-                if not isinstance(record["text"], str):
-                    raise FtuneError(f'{source}: "text" must be a string')
-                conversations.append({"source": source, "text": record["text"]})
-            else:
-                conversations.append({"source": source, "messages": _messages(record, source)})
-    if not conversations:
+                errors.append(LineError("not JSON", where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+                continue
+            raw = rename(raw, columns or {})
+            if fmt == "auto" and detect(raw):
+                fmt, detected_at = detect(raw), lineno
+            elif fmt == "auto":
+                errors.append(LineError("missing field", where, NO_FORMAT))
+                continue
+            try:
+                record = convert(raw, "messages" if fmt == "auto" else fmt, where)
+            except LineError as exc:
+                if exc.kind == "other format" and detected_at:
+                    exc = LineError(exc.kind, where, f"{exc.detail} (detected from line {detected_at})")
+                errors.append(exc)
+                continue
+            if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
+                record["messages"].insert(0, {"role": "system", "content": system_prompt})
+            records.append({"source": where, **record})
+    return records, errors, None if fmt == "auto" else fmt
+
+
+def read(
+    path: str | Path,
+    fmt: str = "auto",
+    columns: dict | None = None,
+    system_prompt: str | None = None,
+    allow_text: bool = True,
+) -> list[dict]:
+    """The records of one file; the first bad line raises FtuneError naming file and line."""
+    records, errors, found = parse(path, fmt, columns, system_prompt)
+    if errors:
+        raise errors[0]
+    if not records:
         raise FtuneError(f"{path}: no examples (the file is empty)")
-    return conversations
+    if found == "text" and not allow_text:
+        raise FtuneError(f"{path}: plain text data cannot be used here; give chat data")
+    return records
+
+
+def read_conversations(path: str | Path, allow_text: bool = False) -> list[dict]:
+    """Records of a file in any format (format detected)."""
+    return read(path, allow_text=allow_text)
+
+
+def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dict]]:
+    """The recipe's data: (train records after weighting, eval records, per-file info).
+
+    Each training file is read in its own format; `eval_split` holds out that fraction of every file
+    (chosen by `seed`) before weights apply, so no repeated example leaks into evaluation. A weight
+    scales how many of a file's examples one epoch sees: 2 repeats each twice, 0.5 keeps a seeded half."""
+    rng = random.Random(seed)
+    train, held, info = [], [], []
+    for spec in data.files():
+        records = reader(spec.path, spec.format or data.format, spec.columns or data.columns, data.system_prompt)
+        if data.eval_split:
+            records, out = split(records, data.eval_split, seed)
+            held += out
+        weighted = records * int(spec.weight)
+        extra = round(len(records) * (spec.weight - int(spec.weight)))
+        weighted += rng.sample(records, extra)
+        if records and not weighted:
+            raise FtuneError(f"{spec.path}: weight {spec.weight} leaves no example of this file")
+        info.append({"path": spec.path, "weight": spec.weight, "examples": len(records), "used": len(weighted)})
+        train += weighted
+    evals = reader(data.eval, data.format, data.columns, data.system_prompt) if data.eval else held
+    return train, evals, info
 
 
 def split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out `fraction` of the examples (at least one), chosen by `seed`: (train, eval)."""
-    import random
-
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
     held = set(order[: max(1, round(len(convs) * fraction))])
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
-
-
-def _messages(record, where: str) -> list[dict]:
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise FtuneError(f'{where}: expected an object with a "messages" list (OpenAI chat format)')
-    messages = []
-    for i, msg in enumerate(record["messages"]):
-        if not isinstance(msg, dict):
-            raise FtuneError(f"{where}: message {i} is not an object with role and content")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise FtuneError(f"{where}: message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise FtuneError(f"{where}: message {i} ({role}) needs a string 'content'")
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise FtuneError(f"{where}: conversation has no assistant turn, so there is nothing to learn")
-    return messages

@@ -60,7 +60,7 @@ def learned_spans(tokenizer, messages: list[dict], train_on: str = "assistant") 
     full = render(tokenizer, messages)
     if train_on == "all":
         return full, [(0, len(full))]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     if train_on == "last_assistant":
         turns = turns[-1:]
     spans, cursor = [], 0
@@ -116,16 +116,29 @@ def _inside(start: int, end: int, spans) -> bool:
     return any(start < b and end > a for a, b in spans)
 
 
-def tokenize_all(tokenizer, conversations: list[dict], max_length: int, train_on: str) -> tuple[list[dict], dict]:
-    """Tokenize conversations; drop those left with nothing to learn; return examples and counts."""
+def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict]:
+    """Plain text for continued pre-training: the tokenizer's own special tokens (BOS) plus EOS at the end, so
+    the model learns where a document ends; every token is learned; longer texts become consecutive chunks."""
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [{"input_ids": c, "labels": [IGNORE, *c[1:]]} for c in chunks if len(c) > 1]
+
+
+def tokenize_all(tokenizer, records: list[dict], max_length: int, train_on: str) -> tuple[list[dict], dict]:
+    """Tokenize conversations (and plain texts); drop those left with nothing to learn; return examples and counts."""
     if not getattr(tokenizer, "is_fast", False):
         raise FtuneError("this tokenizer has no fast (Rust) version; ftune needs character offsets to mask the loss")
     examples, truncated, dropped = [], 0, 0
-    for conv in conversations:
+    for record in records:
+        if "text" in record:
+            examples += tokenize_text(tokenizer, record["text"], max_length)
+            continue
         try:
-            ex = tokenize(tokenizer, conv["messages"], max_length, train_on)
+            ex = tokenize(tokenizer, record["messages"], max_length, train_on)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or our span search
-            raise FtuneError(f"{conv['source']}: chat template cannot render this conversation: {exc}") from None
+            raise FtuneError(f"{record['source']}: chat template cannot render this conversation: {exc}") from None
         truncated += ex.pop("truncated")
         if all(label == IGNORE for label in ex["labels"]):
             dropped += 1

@@ -1,0 +1,203 @@
+"""Dataset formats: each JSONL record becomes OpenAI-style `messages` (or plain `text`).
+
+| format              | a line looks like                                                             |
+|---------------------|-------------------------------------------------------------------------------|
+| `messages`          | {"messages": [{"role": "user", "content": "..."}, ...]} (OpenAI chat format)  |
+| `sharegpt`          | {"conversations": [{"from": "human", "value": "..."}, ...], "system": "..."}  |
+| `prompt_completion` | {"prompt": "...", "completion": "..."} (strings or message lists, as in TRL)  |
+| `alpaca`            | {"instruction": "...", "input": "...", "output": "...", "system": "..."}      |
+| `text`              | {"text": "..."} (continued pre-training: every token is learned)              |
+
+A message may say `"train": false` (or OpenAI's `"weight": 0`) to keep that assistant turn out of the loss.
+"""
+
+from __future__ import annotations
+
+from finetune_cli.errors import FtuneError
+
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+}
+# Fields a `columns` mapping may rename: ftune's name -> the name in the user's files.
+FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text", "system")
+MESSAGE_FIELDS = ("role", "content", "from", "value")
+
+
+class LineError(FtuneError):
+    """A bad data line: `kind` groups it in `ftune validate`; str() is `file:line: message`."""
+
+    def __init__(self, kind: str, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.kind, self.where, self.detail = kind, where, message
+
+
+def detect(record) -> str | None:
+    """The format a record is in, from its keys; None when it fits none."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def rename(record, columns: dict[str, str]):
+    """Apply a `columns` mapping ({ftune_field: your_field}) to a record and to its messages."""
+    if not columns or not isinstance(record, dict):
+        return record
+    record = {next((k for k, v in columns.items() if v == key and k in FIELDS), key): v for key, v in record.items()}
+    inner = {v: k for k, v in columns.items() if k in MESSAGE_FIELDS}
+    for key in ("messages", "conversations", "prompt", "completion"):
+        if inner and isinstance(record.get(key), list):
+            record[key] = [
+                {inner.get(f, f): x for f, x in m.items()} if isinstance(m, dict) else m for m in record[key]
+            ]
+    return record
+
+
+def convert(record, fmt: str, where: str) -> dict:
+    """One record in `fmt` as {"messages": [...]} or {"text": ...}; raise LineError naming what is wrong."""
+    if not isinstance(record, dict):
+        raise LineError("missing field", where, f"expected a JSON object ({fmt} format), got {type(record).__name__}")
+    found = detect(record)
+    if found is not None and found != fmt:
+        raise LineError("other format", where, f"this line is in {found} format but the file is {fmt}")
+    if fmt == "text":
+        text = _field(record, "text", where)
+        if not text.strip():
+            raise LineError("empty content", where, '"text" is empty')
+        return {"text": text}
+    if fmt == "messages":
+        messages = _messages(record, "messages", where)
+    elif fmt == "sharegpt":
+        messages = _sharegpt(record, where)
+    elif fmt == "alpaca":
+        instruction, extra = _field(record, "instruction", where), record.get("input") or ""
+        if not isinstance(extra, str):
+            raise LineError("wrong type", where, '"input" must be a string')
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _field(record, "output", where)},
+        ]
+    else:
+        messages = _part(record, "prompt", "user", where) + _part(record, "completion", "assistant", where)
+    system = record.get("system")
+    if system is not None and fmt != "messages":
+        if not isinstance(system, str):
+            raise LineError("wrong type", where, '"system" must be a string')
+        if system.strip() and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+    check(messages, where)
+    return {"messages": messages}
+
+
+def check(messages: list[dict], where: str) -> None:
+    """Empty content, message order and a learnable assistant turn."""
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise LineError("empty content", where, f"message {i} ({m['role']}) has empty content")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i:
+            raise LineError("wrong message order", where, f"message {i} is a system message; only the first may be")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    for i, role in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise LineError(
+                "wrong message order",
+                where,
+                f"turns must alternate user, assistant, user, ... (turn {i + 1} is {role})",
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LineError("no assistant turn", where, "conversation has no assistant turn, so there is nothing to learn")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
+        raise LineError("no assistant turn", where, 'every assistant turn has "train": false; nothing to learn')
+
+
+def _field(record: dict, key: str, where: str) -> str:
+    if key not in record:
+        raise LineError("missing field", where, f'missing field "{key}"')
+    if not isinstance(record[key], str):
+        raise LineError("wrong type", where, f'"{key}" must be a string')
+    return record[key]
+
+
+def _messages(record: dict, key: str, where: str) -> list[dict]:
+    value = record.get(key)
+    if not isinstance(value, list):
+        raise LineError(
+            "missing field",
+            where,
+            f'expected an object with a "{key}" list' + (" (OpenAI chat format)" * (key == "messages")),
+        )
+    messages = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise LineError("missing field", where, f"message {i} is not an object with role and content")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise LineError(
+                "unknown role", where, f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}"
+            )
+        messages.append(_message(role, msg.get("content"), msg, i, where))
+    return messages
+
+
+def _message(role: str, content, msg: dict, i: int, where: str) -> dict:
+    if isinstance(content, list):  # OpenAI content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise LineError("wrong type", where, f"message {i} ({role}) has content parts that are not text")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise LineError("missing field", where, f"message {i} ({role}) needs a string 'content'")
+    out = {"role": role, "content": content}
+    train = msg.get("train", msg.get("weight", True))
+    if train not in (True, False, 0, 1):
+        raise LineError("wrong type", where, f'message {i}: "train" must be true or false (or "weight" 0 or 1)')
+    if not train:
+        if role != "assistant":
+            raise LineError("wrong type", where, f'message {i}: "train": false only applies to assistant messages')
+        out["train"] = False
+    return out
+
+
+def _sharegpt(record: dict, where: str) -> list[dict]:
+    value = record.get("conversations")
+    if not isinstance(value, list):
+        raise LineError("missing field", where, 'expected a "conversations" list (ShareGPT format)')
+    messages = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise LineError("missing field", where, f"turn {i} is not an object with from and value")
+        role = SHAREGPT_ROLES.get(msg.get("from"))
+        if role is None:
+            names = ", ".join(SHAREGPT_ROLES)
+            raise LineError("unknown role", where, f"turn {i} is from {msg.get('from')!r}; use one of {names}")
+        messages.append(_message(role, msg.get("value"), msg, i, where))
+    return messages
+
+
+def _part(record: dict, key: str, role: str, where: str) -> list[dict]:
+    if key not in record:
+        raise LineError("missing field", where, f'missing field "{key}"')
+    value = record[key]
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return _messages(record, key, where)
+    raise LineError("wrong type", where, f'"{key}" must be a string or a list of messages')

@@ -1,0 +1,178 @@
+"""`ftune validate` and `ftune preview`: what the model will learn, before any weights are loaded.
+
+validate reads every line of every data file (tokenizer only), groups bad lines by kind with file and
+line, warns about missing system messages and duplicates, and counts tokens and learned tokens per
+example before truncation, what truncation to max_length would lose, and the steps an epoch takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+from finetune_cli import models
+from finetune_cli.data import jsonl
+from finetune_cli.data.formats import LineError
+from finetune_cli.data.masking import IGNORE, tokenize, tokenize_text
+from finetune_cli.errors import FtuneError
+
+UNLIMITED = 1 << 40
+
+
+def validate(recipe) -> dict:
+    """The report: files (format, examples, errors), errors by kind, warnings, statistics; `ok` when no error."""
+    d = recipe.data
+    errors: list[LineError] = []
+    files: list[dict] = []
+
+    def reader(path, fmt, columns, system_prompt):
+        try:
+            records, bad, found = jsonl.parse(path, fmt, columns, system_prompt)
+        except FtuneError as exc:
+            errors.append(LineError("missing file", str(path), str(exc).split(": ", 1)[-1]))
+            files.append({"path": str(path), "format": None, "examples": 0, "errors": 1})
+            return []
+        errors.extend(bad)
+        if not records and not bad:
+            errors.append(LineError("empty file", str(path), "no examples (the file is empty)"))
+        files.append({"path": str(path), "format": found, "examples": len(records), "errors": len(bad)})
+        return records
+
+    train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
+    records = train + (evals if d.eval else [])
+    chats = [r for r in records if "messages" in r]
+    tokenizer = models.load_tokenizer(
+        models.resolve(recipe.model.base),
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        require_template=bool(chats),
+    )
+    counted = {}
+    for r in _unique(train + evals):
+        try:
+            counted[r["source"]] = _count(tokenizer, r, d.max_length, d.train_on)
+        except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
+            errors.append(LineError("template", r["source"], f"chat template cannot render this conversation: {exc}"))
+    train = [r for r in train if r["source"] in counted]
+    stats = _stats([counted[r["source"]] for r in train], d.max_length)
+    t = recipe.training
+    stats["steps_per_epoch"] = math.ceil(len(train) / (t.batch_size * t.gradient_accumulation)) if train else 0
+    if evals:
+        stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
+    by_kind: dict[str, list[dict]] = {}
+    for e in errors:
+        by_kind.setdefault(e.kind, []).append({"where": e.where, "message": e.detail})
+    return {
+        "recipe": recipe.output.dir,
+        "model": recipe.model.base,
+        "files": files,
+        "errors": by_kind,
+        "error_count": len(errors),
+        "warnings": _warnings(train + (evals if d.eval else []), chats),
+        "stats": stats,
+        "ok": not errors,
+    }
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    """Weights repeat records; count each line once."""
+    seen, out = set(), []
+    for r in records:
+        if r["source"] not in seen:
+            seen.add(r["source"])
+            out.append(r)
+    return out
+
+
+def _count(tokenizer, record: dict, max_length: int, train_on: str) -> dict:
+    """Tokens and learned tokens of one example before truncation, and the learned tokens truncation loses."""
+    if "text" in record:
+        chunks = tokenize_text(tokenizer, record["text"], max_length)
+        tokens = sum(len(c["input_ids"]) for c in chunks)
+        learned = sum(sum(x != IGNORE for x in c["labels"]) for c in chunks)
+        return {"tokens": tokens, "learned": learned, "lost": 0, "over": False}  # long texts are chunked, not cut
+    ex = tokenize(tokenizer, record["messages"], UNLIMITED, train_on)
+    ex["truncated"] = len(ex["input_ids"]) > max_length
+    learned = sum(x != IGNORE for x in ex["labels"])
+    kept = sum(x != IGNORE for x in ex["labels"][:max_length])
+    return {"tokens": len(ex["input_ids"]), "learned": learned, "lost": learned - kept, "over": ex["truncated"]}
+
+
+def _stats(counts: list[dict], max_length: int) -> dict:
+    def spread(values: list[int]) -> dict:
+        values = sorted(values)
+        if not values:
+            return {"min": 0, "p50": 0, "p95": 0, "max": 0}
+        rank = lambda q: values[max(0, math.ceil(q * len(values)) - 1)]  # noqa: E731 - nearest-rank percentile
+        return {"min": values[0], "p50": rank(0.5), "p95": rank(0.95), "max": values[-1]}
+
+    return {
+        "examples": len(counts),
+        "tokens": spread([c["tokens"] for c in counts]),
+        "learned_tokens": spread([c["learned"] for c in counts]),
+        "over_max_length": sum(c["over"] for c in counts),
+        "learned_tokens_lost_to_truncation": sum(c["lost"] for c in counts),
+        "learned_tokens_per_epoch": sum(c["learned"] - c["lost"] for c in counts),
+        "max_length": max_length,
+    }
+
+
+def _warnings(records: list[dict], chats: list[dict]) -> list[str]:
+    out = []
+    without = [r for r in chats if r["messages"][0]["role"] != "system"]
+    if without and len(without) < len(chats):
+        out.append(
+            f"{len(without)} of {len(chats)} conversations have no system message (first: {without[0]['source']})"
+        )
+    elif without:
+        out.append("no conversation has a system message; data.system_prompt can add one to each")
+    firsts: dict[str, str] = {}
+    for r in records:
+        text = json.dumps(r.get("messages", r.get("text")), sort_keys=True)
+        if text in firsts and firsts[text] != r["source"]:
+            out.append(f"{r['source']}: duplicate of {firsts[text]}")
+        firsts.setdefault(text, r["source"])
+    ends = Counter(r["messages"][-1]["role"] for r in chats)
+    if ends.get("user"):
+        out.append(f"{ends['user']} conversations end with a user turn that nothing answers (it is not learned)")
+    return out
+
+
+def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
+    """Examples `index`..`index+count-1` of the training data as the model sees them: each token's id, text and
+    whether it is learned, after truncation to max_length."""
+    d = recipe.data
+    records = []
+    for spec in d.files():
+        records += jsonl.read(spec.path, spec.format or d.format, spec.columns or d.columns, d.system_prompt)
+    if not 0 <= index < len(records):
+        raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
+    tokenizer = models.load_tokenizer(
+        models.resolve(recipe.model.base),
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        require_template=any("messages" in r for r in records),
+    )
+    out = []
+    for r in records[index : index + count]:
+        if "text" in r:
+            chunks = tokenize_text(tokenizer, r["text"], UNLIMITED)
+            ids, labels, truncated = chunks[0]["input_ids"], chunks[0]["labels"], False
+        else:
+            ex = tokenize(tokenizer, r["messages"], d.max_length, d.train_on)
+            ids, labels, truncated = ex["input_ids"], ex["labels"], ex["truncated"]
+        tokens = [
+            {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": lab != IGNORE}
+            for t, lab in zip(ids, labels)
+        ]
+        out.append(
+            {
+                "source": r["source"],
+                "tokens": tokens,
+                "count": len(tokens),
+                "learned": sum(t["learned"] for t in tokens),
+                "truncated": truncated,
+            }
+        )
+    return out
