@@ -119,7 +119,7 @@ def eval_(
     data: Optional[List[Path]] = typer.Option(
         None,
         "--data",
-        help="JSONL to score: chat `messages` or plain `text` lines (repeatable). Default: the run's eval data.",
+        help="JSONL to score, in any data format (repeatable). Default: the run's eval data.",
     ),
     base: bool = typer.Option(False, "--base", help="Score the run's base model only, without the adapter."),
     compare_base: bool = typer.Option(

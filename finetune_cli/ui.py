@@ -145,7 +145,7 @@ def validate_report(report: dict) -> None:
         table.add_row(f["path"], f["format"] or "-", f"{f['examples']:,}", str(f["errors"]))
     console.print(table)
     for kind, items in report["errors"].items():
-        console.print(f"[bold red]{kind}[/bold red]: {len(items)} line(s)")
+        console.print(f"[bold red]{kind}[/bold red]: {len(items)}")
         for item in items[:10]:
             console.print(f"  {item['where']}: {item['message']}", markup=False)
         if len(items) > 10:

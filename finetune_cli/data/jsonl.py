@@ -99,12 +99,14 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
         info.append({"path": spec.path, "weight": spec.weight, "examples": len(records), "used": len(weighted)})
         train += weighted
     evals = reader(data.eval, data.format, data.columns, data.system_prompt) if data.eval else held
+    if data.eval_split and not held and train:
+        raise FtuneError(f"data.eval_split {data.eval_split} holds out no example of so little data; raise it")
     return train, evals, info
 
 
 def split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the examples (at least one), chosen by `seed`: (train, eval)."""
+    """Hold out `fraction` of the examples (rounded), chosen by `seed`: (train, eval)."""
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(len(convs) * fraction))])
+    held = set(order[: round(len(convs) * fraction)])
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]

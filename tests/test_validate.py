@@ -1,0 +1,201 @@
+"""`ftune validate`, `ftune preview` and the tokenized-data cache, checked against direct counts."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune_cli import recipe as recipes
+from finetune_cli.cli import app
+from finetune_cli.data import cache
+from finetune_cli.data.masking import IGNORE
+from tests.conftest import conversation, write_jsonl
+
+runner = CliRunner()
+BAD = {
+    4: "{not json",
+    9: '{"messages": [{"role": "user", "content": "only a question"}]}',
+    13: '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+    17: '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]}',
+    21: '{"instruction": "a", "output": "b"}',
+    22: '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+}
+KINDS = {
+    4: "not JSON",
+    9: "no assistant turn",
+    13: "unknown role",
+    17: "empty content",
+    21: "other format",
+    22: "wrong message order",
+}
+
+
+def recipe_file(tmp_path, model_dir, train="train.jsonl", extra=""):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"model:\n  base: {model_dir}\ndata:\n  train: {train}\n  max_length: 40\n{extra}"
+        "training:\n  batch_size: 3\n  gradient_accumulation: 2\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def validate(path, *args):
+    result = runner.invoke(app, ["validate", str(path), "--json", *args])
+    return result, json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def test_reports_exact_lines_of_planted_bad_lines(tmp_path, tiny_model_dir):
+    lines = []
+    for n in range(1, 26):
+        lines.append(BAD.get(n) or json.dumps(conversation(n, system=n % 2 == 0, turns=1 + n % 3)))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir))
+    assert result.exit_code == 1 and not report["ok"]
+    found = {int(item["where"].rsplit(":", 1)[1]): kind for kind, items in report["errors"].items() for item in items}
+    assert found == KINDS
+    assert report["files"][0]["examples"] == 25 - len(BAD) and report["files"][0]["format"] == "messages"
+    assert any("have no system message" in w for w in report["warnings"])
+    human = runner.invoke(app, ["validate", str(tmp_path / "recipe.yaml")])
+    assert human.exit_code == 1 and f"train.jsonl:{min(BAD)}: not valid JSON" in human.stderr.replace("\n", "")
+
+
+def test_token_statistics_equal_a_direct_count(tmp_path, tiny_model_dir, tokenizer):
+    convs = [conversation(i * 7, turns=1 + i % 4) for i in range(12)]
+    convs.append(convs[4])  # line 13 repeats line 5
+    write_jsonl(tmp_path / "train.jsonl", convs)
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir))
+    assert result.exit_code == 0 and report["ok"], result.output
+    # Direct count: render with the template, find each reply + <|im_end|> in the token stream.
+    tokens, learned, lost = [], [], 0
+    for c in convs:
+        text = tokenizer.apply_chat_template(c["messages"], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_learned = 0
+        kept = 0
+        for m in c["messages"]:
+            if m["role"] == "assistant":
+                reply = tokenizer(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                start = next(i for i in range(len(ids)) if ids[i : i + len(reply)] == reply)
+                n_learned += len(reply)
+                kept += max(0, min(start + len(reply), 40) - start)
+        tokens.append(len(ids))
+        learned.append(n_learned)
+        lost += n_learned - kept
+    s = report["stats"]
+    srt = sorted(tokens)
+    assert s["examples"] == 13
+    assert s["tokens"] == {"min": srt[0], "p50": srt[math.ceil(0.5 * 13) - 1], "p95": srt[12], "max": srt[-1]}
+    assert s["learned_tokens"]["max"] == max(learned) and s["learned_tokens"]["min"] == min(learned)
+    assert s["over_max_length"] == sum(t > 40 for t in tokens) > 0
+    assert s["learned_tokens_lost_to_truncation"] == lost > 0
+    assert s["learned_tokens_per_epoch"] == sum(learned) - lost
+    assert s["steps_per_epoch"] == math.ceil(13 / 6)
+    data = tmp_path / "train.jsonl"
+    assert f"{data}:13: duplicate of {data}:5" in report["warnings"]
+
+
+def test_shipped_recipes_all_validate():
+    for item in recipes.shipped():
+        if "smollm2" not in item["name"] and item["name"] != "quickstart":
+            continue  # GPU recipes name hub models: their tokenizers are not here offline
+        result, report = validate(item["path"])
+        assert result.exit_code == 0 and report["ok"] and report["stats"]["examples"] == 240, item["name"]
+
+
+def test_recipe_and_model_errors_are_usage_errors(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", [conversation(1)])
+    bad = recipe_file(tmp_path, tiny_model_dir, extra="  formt: auto\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "did you mean 'data.format'" in result.stderr
+    result = runner.invoke(app, ["validate", str(recipe_file(tmp_path, tiny_model_dir, train="nope.jsonl"))])
+    assert result.exit_code == 1 and "nope.jsonl: data file not found" in " ".join(result.stderr.split())
+
+
+def test_preview_flags_match_the_training_labels(tmp_path, tiny_model_dir, tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i, turns=2) for i in range(3)])
+    path = recipe_file(tmp_path, tiny_model_dir)
+    result = runner.invoke(app, ["preview", str(path), "--index", "1", "--count", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert [s["source"].rsplit(":", 1)[1] for s in shown] == ["2", "3"]
+    from finetune_cli.data.masking import tokenize
+
+    ex = tokenize(tokenizer, conversation(1, turns=2)["messages"], 40)
+    assert [t["id"] for t in shown[0]["tokens"]] == ex["input_ids"]
+    assert [t["learned"] for t in shown[0]["tokens"]] == [lab != IGNORE for lab in ex["labels"]]
+    assert shown[0]["truncated"] and "".join(t["text"] for t in shown[0]["tokens"]) == tokenizer.decode(ex["input_ids"])
+    human = runner.invoke(app, ["preview", str(path)])
+    assert human.exit_code == 0 and "learned" in human.stderr and "<|im_start|>" in human.stderr
+    out_of_range = runner.invoke(app, ["preview", str(path), "--index", "3"])
+    assert out_of_range.exit_code == 2 and "has 3 examples" in out_of_range.stderr
+
+
+def test_cache_hit_and_misses(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(cache, "directory", lambda: tmp_path / "cache")
+    from finetune_cli import models
+    from finetune_cli.data import jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(5)])
+    path = recipe_file(tmp_path, tiny_model_dir)
+
+    def tokenize(overrides=()):
+        r = recipes.load(path, list(overrides))
+        tok = models.load_tokenizer(str(tiny_model_dir), r.model.chat_template)
+        return cache.tokenize(tok, jsonl.load(r.data, 0)[0], r.data.max_length, r.data.train_on)
+
+    first, stats = tokenize()
+    assert stats["cache"] == "miss"
+    again, stats = tokenize()
+    assert stats["cache"] == "hit" and again == first
+    assert tokenize(["data.max_length=30"])[1]["cache"] == "miss"
+    assert tokenize(["model.chat_template=zephyr"])[1]["cache"] == "miss"
+    assert tokenize(["data.train_on=all"])[1]["cache"] == "miss"
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(1, 6)])
+    assert tokenize()[1]["cache"] == "miss"
+    assert tokenize()[1]["cache"] == "hit"
+    off = cache.tokenize(
+        models.load_tokenizer(str(tiny_model_dir)), [{"messages": conversation(1)["messages"]}], 40, "all", False
+    )
+    assert off[1]["cache"] == "off"
+
+
+@pytest.mark.slow
+def test_train_on_sharegpt_and_text_files_mixed(tmp_path, tiny_model_dir, monkeypatch):
+    """Different formats in one run, a named template, eval_split, and the cache hit on the second run."""
+    monkeypatch.setattr(cache, "directory", lambda: tmp_path / "cache")
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(6)],
+    )
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "Plain text for continued pre-training. " * 20}])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"""model:
+  base: {tiny_model_dir}
+  chat_template: chatml
+data:
+  train:
+    - chat.jsonl
+    - {{path: text.jsonl, weight: 2}}
+  eval_split: 0.2
+  system_prompt: Be brief.
+  max_length: 64
+training:
+  max_steps: 2
+  batch_size: 2
+output:
+  dir: {tmp_path / "run"}
+""",
+        encoding="utf-8",
+    )
+    for attempt in ("miss", "hit"):
+        result = runner.invoke(app, ["train", str(path), "--overwrite", "--samples", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.stdout)
+        assert info["status"] == "completed" and info["data"]["train"]["cache"] == attempt
+        assert [f["used"] for f in info["data"]["train"]["files"]] == [5, 2]  # 1 of 6 chats held out; text x2
+        assert info["data"]["eval"]["examples"] == 1
+    template = (tmp_path / "run" / "adapter" / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template and "Be brief" not in template
