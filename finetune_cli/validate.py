@@ -11,7 +11,7 @@ import json
 import math
 from collections import Counter
 
-from finetune_cli import models
+from finetune_cli import methods, models
 from finetune_cli.data import jsonl
 from finetune_cli.data.formats import LineError
 from finetune_cli.data.masking import IGNORE, tokenize, tokenize_text
@@ -60,6 +60,11 @@ def validate(recipe) -> dict:
     stats["steps_per_epoch"] = math.ceil(len(train) / (t.batch_size * t.gradient_accumulation)) if train else 0
     if evals:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
+    warnings = _warnings(train + (evals if d.eval else []), chats)
+    try:
+        methods.check_device(recipe.method, t.precision, t.optimizer)
+    except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
+        warnings.insert(0, f"this machine cannot train this recipe as it is: {exc}")
     by_kind: dict[str, list[dict]] = {}
     for e in errors:
         by_kind.setdefault(e.kind, []).append({"where": e.where, "message": e.detail})
@@ -69,7 +74,7 @@ def validate(recipe) -> dict:
         "files": files,
         "errors": by_kind,
         "error_count": len(errors),
-        "warnings": _warnings(train + (evals if d.eval else []), chats),
+        "warnings": warnings,
         "stats": stats,
         "ok": not errors,
     }

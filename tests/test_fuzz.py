@@ -1,5 +1,5 @@
-"""Fuzzing `ftune train` with random and mutated recipes and JSONL: every run ends with exit 0, 1 or 2, a one-line
-error, never a traceback, and writes nothing outside its output folder."""
+"""Fuzzing `ftune validate` and `ftune train` with random and mutated recipes and JSONL: every run ends with exit
+0, 1 or 2, a one-line error, never a traceback; validate writes nothing, train nothing outside its output folder."""
 
 import copy
 import json
@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune_cli.cli import app
+from finetune_cli.data import cache
 from tests.conftest import conversation
 
 runner = CliRunner()
@@ -113,9 +114,11 @@ def jsonl_lines(rng, n):
 
 @pytest.mark.slow
 def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(cache, "directory", lambda: tmp_path / "cache")
     rng = random.Random(1234)
     base = valid_recipe(tiny_model_dir)
     seen = {0: 0, 1: 0, 2: 0}
+    validated = {0: 0, 1: 0, 2: 0}
     for case in range(150):
         folder = tmp_path / f"case{case}"
         folder.mkdir()
@@ -129,6 +132,15 @@ def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
         text = yaml.safe_dump(recipe) if rng.random() < 0.9 else yaml.safe_dump(recipe)[: rng.randint(0, 60)] + ":["
         (folder / "recipe.yaml").write_text(text)
         before = {p for p in folder.rglob("*")}
+        check = runner.invoke(app, ["validate", str(folder / "recipe.yaml")], env={"HF_HUB_OFFLINE": "1"})
+        where = f"case {case} (validate): {text!r}\n{check.output}"
+        assert check.exit_code in (0, 1, 2) and "Traceback" not in check.output, where
+        assert check.exception is None or isinstance(check.exception, SystemExit), where
+        if check.exit_code == 2:
+            lines = check.stderr.strip().splitlines()
+            assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, where
+        assert {p for p in folder.rglob("*")} == before, where  # validate writes nothing
+        validated[check.exit_code] += 1
         result = runner.invoke(
             app, ["train", str(folder / "recipe.yaml"), "--samples", "0"], env={"HF_HUB_OFFLINE": "1"}
         )
@@ -142,4 +154,7 @@ def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
         outside = {p for p in folder.rglob("*")} - before
         assert all("out" in p.relative_to(folder).parts[:1] for p in outside), (where, outside)
         seen[result.exit_code] += 1
+        if check.exit_code == 0 and result.exit_code == 2:  # validate passed what train refused
+            assert "cannot train this recipe" in check.output.replace("\n", " "), where
     assert seen[0] > 5 and seen[2] > 50, seen  # both paths were exercised
+    assert all(validated.values()), validated
