@@ -65,6 +65,10 @@ def run(
     if not train_examples:
         raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
     log(f"model {recipe.model.base}")
+    for f in train_files:
+        weight = f", weight {f['weight']:g} -> {f['used']}" if f["weight"] != 1 else ""
+        detected = " (detected)" if f["detected"] else ""
+        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}")
     log(
         f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"

@@ -199,3 +199,40 @@ def test_checkpoint_at_each_epoch_end(recipe, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-5"]
+
+
+def test_second_ctrl_c_interrupts_at_once():
+    """The first SIGINT asks for a checkpoint at the end of the step; a second one raises at once."""
+    from finetune_cli.train import _StopRequest
+
+    previous = signal.getsignal(signal.SIGINT)
+    stop = _StopRequest()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop.on_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            reached.append(stop.requested)  # still running: the first one only asked
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            reached.append("not interrupted")
+    assert reached == ["SIGINT"]
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_interrupt_inside_training_marks_the_run(recipe, tmp_path):
+    """A KeyboardInterrupt in the middle of a step (the second Ctrl-C) still leaves run.json saying interrupted."""
+    from transformers import TrainerCallback
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import train
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(recipes.load(recipe), callbacks=[Interrupt()], samples=0)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "interrupted"

@@ -51,7 +51,7 @@ def parse(
                 continue
             if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
                 record["messages"].insert(0, {"role": "system", "content": system_prompt})
-            records.append({"source": where, **record})
+            records.append({"source": where, "format": fmt, **record})
     return records, errors, None if fmt == "auto" else fmt
 
 
@@ -96,7 +96,16 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
         weighted += rng.sample(records, extra)
         if records and not weighted:
             raise FtuneError(f"{spec.path}: weight {spec.weight} leaves no example of this file")
-        info.append({"path": spec.path, "weight": spec.weight, "examples": len(records), "used": len(weighted)})
+        info.append(
+            {
+                "path": spec.path,
+                "format": records[0]["format"] if records else None,
+                "detected": (spec.format or data.format) == "auto",
+                "weight": spec.weight,
+                "examples": len(records),
+                "used": len(weighted),
+            }
+        )
         train += weighted
     evals = reader(data.eval, data.format, data.columns, data.system_prompt) if data.eval else held
     if data.eval_split and not held and train:
