@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune_cli import models
-from finetune_cli.data.jsonl import read_conversations
+from finetune_cli.data import jsonl
 from finetune_cli.data.masking import IGNORE, tokenize_all
 from finetune_cli.evaluate import corpus_nll
 
@@ -46,7 +46,7 @@ def main() -> None:
     model = models.load_model(source).eval()
     convs = []
     for name in ("train", "eval"):
-        convs += read_conversations(ROOT / "recipes" / "data" / "quickstart" / f"{name}.jsonl")
+        convs += jsonl.read(ROOT / "recipes" / "data" / "quickstart" / f"{name}.jsonl")
     examples, stats = tokenize_all(tok, convs, 1024, "assistant")
 
     fast, slow = [], []

@@ -37,6 +37,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no "Retrying in 1s" lines before our one-line error
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if "transformers" in sys.modules:  # already imported (e.g. in-process callers): the env vars came too late
@@ -44,6 +45,10 @@ def _quiet_libraries() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
 
 
 @contextmanager
@@ -276,7 +281,7 @@ def inspect(
         if as_json:
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
         else:
-            ui.console.print(inspect_model.render(info))
+            ui.console.print(ui.inspect_table(info))
 
 
 def _stream(text: str) -> None:

@@ -32,18 +32,28 @@ def windows(ids: list[int], context: int, stride: int) -> list[dict]:
         begin += stride
 
 
+def default_stride(context: int) -> int:
+    """Half the context: each scored token keeps at least half a window of left context."""
+    return max(1, context // 2)
+
+
 def build_examples(
     tokenizer, records: list[dict], max_length: int, train_on: str, stride: int, use_cache: bool = True
-) -> list[dict]:
-    """Token ids and labels for chat records (training's masks) and text records (sliding windows)."""
+) -> tuple[list[dict], dict]:
+    """Token ids and labels for chat records (training's masks) and text records (sliding windows), and counts.
+    Training's eval and `ftune eval` both score these, so their numbers agree."""
     chats = [r for r in records if "messages" in r]
-    examples = cache.tokenize(tokenizer, chats, max_length, train_on, use_cache)[0] if chats else []
+    examples, stats = cache.tokenize(tokenizer, chats, max_length, train_on, use_cache)
     for r in records:
         if "text" in r:
             ids = tokenizer(r["text"])["input_ids"]
             if len(ids) > 1:
-                examples += windows(ids, max_length, stride)
-    return examples
+                scored = windows(ids, max_length, stride)
+                examples += scored
+                stats["examples"] += len(scored)
+                stats["tokens"] += sum(len(w["input_ids"]) for w in scored)
+                stats["learned_tokens"] += len(ids) - 1
+    return examples, stats
 
 
 def corpus_nll(
@@ -131,10 +141,10 @@ def run(
     train_on = recipe.data.train_on if recipe else "assistant"
     if any("messages" in r for r in records) and not tokenizer.chat_template:
         raise FtuneError(f"{target}: the model has no chat template, so chat data cannot be scored")
-    stride = stride or max(1, context // 2)
+    stride = stride or default_stride(context)
     if not 0 < stride <= context:
         raise FtuneError(f"--stride must be between 1 and the context length ({context})")
-    examples = build_examples(tokenizer, records, context, train_on, stride, recipe.data.cache if recipe else True)
+    examples = build_examples(tokenizer, records, context, train_on, stride, recipe.data.cache if recipe else True)[0]
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
 

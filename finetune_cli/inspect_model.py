@@ -22,8 +22,6 @@ SAMPLE_MESSAGES = [
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_SCALE_BYTES = 4  # LLM.int8: one fp32 scale per output row of each quantized linear layer
 
-DTYPES = ("float32", "bfloat16", "float16", "int8", "nf4")
-
 
 def inspect(model: str) -> dict:
     """Describe `model` (builtin name, local folder, hub id or .gguf) without loading its weights."""
@@ -36,7 +34,7 @@ def inspect(model: str) -> dict:
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
-        raise models._load_error(source, exc) from None
+        raise models.load_error(source, exc) from None
     tokenizer = models.load_tokenizer(source, require_template=False)
     counts = count_parameters(config, model)
 
@@ -138,67 +136,3 @@ def _dtype_name(dtype) -> str | None:
     if dtype is None:
         return None
     return str(dtype).removeprefix("torch.")
-
-
-def human_bytes(n: int) -> str:
-    if n >= 1024**3:
-        return f"{n / 1024**3:.2f} GiB"
-    if n >= 1024**2:
-        return f"{n / 1024**2:.1f} MiB"
-    return f"{n / 1024:.1f} KiB"
-
-
-def human_count(n: int) -> str:
-    for size, unit in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def render(info: dict):
-    """A rich renderable for humans: a two-column table, then the rendered template sample."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
-    def num(value) -> str:
-        return f"{value:,}" if isinstance(value, int) else "-"
-
-    def token(entry: dict) -> Text:
-        if entry.get("token") is None:
-            return Text("none", style="dim")
-        return Text(f"{entry['token']} (id {entry['id']})")  # Text: tokens like [INST] are not markup
-
-    table = Table(title=f"ftune inspect {info['model']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("path", Text(str(info["path"])))
-    table.add_row("architecture", Text(f"{info['architecture']} ({info['model_type']})"))
-    table.add_row("parameters", f"{num(info['parameters'])} ({human_count(info['parameters'])})")
-    table.add_row("layers", num(info["layers"]))
-    table.add_row("hidden size", num(info["hidden_size"]))
-    table.add_row("context length", f"{num(info['context_length'])} tokens")
-    vocab = num(info["vocab_size"])
-    if info["tokenizer_size"] != info["vocab_size"]:
-        vocab += f" (tokenizer: {num(info['tokenizer_size'])})"
-    table.add_row("vocabulary", vocab)
-    table.add_row("stored dtype", info["dtype"] or "-")
-    for name in ("bos", "eos", "pad", "unk"):
-        cell = token(info["special_tokens"][name])
-        if name == "pad" and info["pad_is_eos"]:
-            cell.append(" = eos", style="dim")
-        table.add_row(f"{name} token", cell)
-    eot = Text(", ".join(f"{e['token']} (id {e['id']})" for e in info["end_of_turn"]) or "none")
-    table.add_row("end of turn", eot)
-    table.add_row("chat template", "yes" if info["chat_template"] else "no")
-    for i, dtype in enumerate(DTYPES):
-        label = "memory, weights only" if i == 0 else ""
-        table.add_row(label, f"{dtype:<9} {human_bytes(info['memory'][dtype])}")
-
-    parts = [table]
-    if info.get("template_sample") is not None:
-        parts.append(Panel(Text(info["template_sample"]), title="chat template sample", title_align="left"))
-    elif info.get("template_error"):
-        parts.append(Text(f"chat template cannot render a sample: {info['template_error']}", style="yellow"))
-    return Group(*parts)

@@ -33,14 +33,14 @@ def resolve(base: str) -> str:
     path = Path(base).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FtuneError(f"model.base: GGUF file {path} not found")
+            raise FtuneError(f"GGUF file {path} not found")
         return str(convert_gguf(path, ftune_home() / "gguf" / _file_key(path)))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FtuneError(f"model.base: {path} is a folder but has no config.json; give a Hugging Face model folder")
+            raise FtuneError(f"{path} is a folder but has no config.json; give a Hugging Face model folder")
         return str(path)
     if path.is_absolute() or base.startswith((".", "~")) or base.count("/") > 1:
-        raise FtuneError(f"model.base: model folder {path} not found")
+        raise FtuneError(f"model folder {path} not found")
     return base  # a hub id, loaded through the ordinary Hugging Face cache
 
 
@@ -115,7 +115,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
-        raise _load_error(source, exc) from None
+        raise load_error(source, exc) from None
     if chat_template:
         templates.apply(tokenizer, chat_template)
     if require_template and not getattr(tokenizer, "chat_template", None):
@@ -138,15 +138,15 @@ def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False
             source, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
         )
     except Exception as exc:  # noqa: BLE001
-        raise _load_error(source, exc) from None
+        raise load_error(source, exc) from None
 
 
-def _load_error(source: str, exc: Exception) -> FtuneError:
+def load_error(source: str, exc: Exception) -> FtuneError:
     if Path(source).is_dir():
-        return FtuneError(f"model.base: cannot load {source}: {str(exc).splitlines()[0]}")
+        return FtuneError(f"cannot load {source}: {str(exc).splitlines()[0]}")
     names = ", ".join(BUILTIN)
     return FtuneError(
-        f"model.base: cannot load '{source}': not a builtin name ({names}), not a local folder, "
+        f"cannot load '{source}': not a builtin name ({names}), not a local folder, "
         f"and the Hugging Face Hub could not provide it ({type(exc).__name__}). "
         "Check the name and your network, or set HF_TOKEN for gated models"
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from finetune_cli.errors import FtuneError
 
@@ -24,19 +24,26 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
 
 
+def _check_columns(value: dict) -> dict:
+    from finetune_cli.data.formats import FIELDS, MESSAGE_FIELDS
+
+    for key in value:
+        if key not in FIELDS + MESSAGE_FIELDS:
+            close = difflib.get_close_matches(key, FIELDS + MESSAGE_FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"ftune's fields: {', '.join(FIELDS + MESSAGE_FIELDS)}"
+            raise ValueError(f"columns maps ftune's field names to yours; '{key}' is not one of ftune's fields; {hint}")
+    return value
+
+
 Format = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
 
 class TrainFile(_Section):
     path: str
     weight: float = Field(default=1.0, gt=0)
     format: Format | None = None
-    columns: dict[str, str] | None = None
-
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, value):
-        return _check_columns(value)
+    columns: Columns | None = None
 
 
 class DataSection(_Section):
@@ -44,16 +51,11 @@ class DataSection(_Section):
     eval: str | None = None
     eval_split: float | None = Field(default=None, gt=0, lt=1)
     format: Format = "auto"
-    columns: dict[str, str] = {}
+    columns: Columns = {}
     system_prompt: str | None = None
     max_length: int = Field(default=1024, gt=1)
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     cache: bool = True
-
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, value):
-        return _check_columns(value)
 
     @model_validator(mode="after")
     def _one_eval_source(self):
@@ -67,17 +69,6 @@ class DataSection(_Section):
         """The training files, each with its weight, format and columns."""
         items = self.train if isinstance(self.train, list) else [self.train]
         return [TrainFile(path=f) if isinstance(f, str) else f for f in items]
-
-
-def _check_columns(value: dict | None) -> dict | None:
-    from finetune_cli.data.formats import FIELDS, MESSAGE_FIELDS
-
-    for key in value or {}:
-        if key not in FIELDS + MESSAGE_FIELDS:
-            close = difflib.get_close_matches(key, FIELDS + MESSAGE_FIELDS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"ftune's fields: {', '.join(FIELDS + MESSAGE_FIELDS)}"
-            raise ValueError(f"columns maps ftune's field names to yours; '{key}' is not one of ftune's fields; {hint}")
-    return value
 
 
 class LoraMethod(_Section):

@@ -20,7 +20,7 @@ from finetune_cli import __version__, files, methods, models
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
-from finetune_cli.evaluate import corpus_nll
+from finetune_cli.evaluate import build_examples, corpus_nll, default_stride
 from finetune_cli.generate import reply
 
 
@@ -60,7 +60,9 @@ def run(
     )
     train_examples, train_stats = cache.tokenize(tokenizer, train_convs, d.max_length, d.train_on, d.cache)
     eval_examples, eval_stats = (
-        cache.tokenize(tokenizer, eval_convs, d.max_length, d.train_on, d.cache) if eval_convs else ([], {})
+        build_examples(tokenizer, eval_convs, d.max_length, d.train_on, default_stride(d.max_length), d.cache)
+        if eval_convs
+        else ([], {})
     )
     if not train_examples:
         raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")

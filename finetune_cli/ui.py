@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 
@@ -172,14 +173,78 @@ def validate_report(report: dict) -> None:
 
 def preview(examples: list[dict]) -> None:
     """Tokens on alternating shades so boundaries show; learned tokens green, masked ones grey."""
-    from rich.text import Text
 
     styles = {True: ("black on green3", "black on dark_sea_green2"), False: ("grey70 on grey15", "grey70 on grey30")}
     for ex in examples:
-        console.rule(f"{ex['source']}  {ex['count']} tokens, {ex['learned']} learned" + ", truncated" * ex["truncated"])
+        more = f", first of {ex['chunks']} chunks" if ex["chunks"] > 1 else ""
+        console.rule(
+            f"{ex['source']}  {ex['count']} tokens, {ex['learned']} learned" + ", truncated" * ex["truncated"] + more
+        )
         text = Text()
         for i, tok in enumerate(ex["tokens"]):
             piece = tok["text"].replace("\n", "\u21b5\n")
             text.append(piece, style=styles[tok["learned"]][i % 2])
         console.print(text)
     console.print(Text.assemble(("learned", "black on green3"), "  ", ("not learned", "grey70 on grey15")))
+
+
+def human_bytes(n: int) -> str:
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GiB"
+    if n >= 1024**2:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def human_count(n: int) -> str:
+    for size, unit in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def inspect_table(info: dict):
+    """`ftune inspect` for humans: a two-column table, then the rendered template sample."""
+    from rich.console import Group
+    from rich.panel import Panel
+
+    def num(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else "-"
+
+    def token(entry: dict) -> Text:
+        if entry.get("token") is None:
+            return Text("none", style="dim")
+        return Text(f"{entry['token']} (id {entry['id']})")  # Text: tokens like [INST] are not markup
+
+    table = Table(title=f"ftune inspect {info['model']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("path", Text(str(info["path"])))
+    table.add_row("architecture", Text(f"{info['architecture']} ({info['model_type']})"))
+    table.add_row("parameters", f"{num(info['parameters'])} ({human_count(info['parameters'])})")
+    table.add_row("layers", num(info["layers"]))
+    table.add_row("hidden size", num(info["hidden_size"]))
+    table.add_row("context length", f"{num(info['context_length'])} tokens")
+    vocab = num(info["vocab_size"])
+    if info["tokenizer_size"] != info["vocab_size"]:
+        vocab += f" (tokenizer: {num(info['tokenizer_size'])})"
+    table.add_row("vocabulary", vocab)
+    table.add_row("stored dtype", info["dtype"] or "-")
+    for name in ("bos", "eos", "pad", "unk"):
+        cell = token(info["special_tokens"][name])
+        if name == "pad" and info["pad_is_eos"]:
+            cell.append(" = eos", style="dim")
+        table.add_row(f"{name} token", cell)
+    eot = Text(", ".join(f"{e['token']} (id {e['id']})" for e in info["end_of_turn"]) or "none")
+    table.add_row("end of turn", eot)
+    table.add_row("chat template", "yes" if info["chat_template"] else "no")
+    for i, dtype in enumerate(info["memory"]):
+        label = "memory, weights only" if i == 0 else ""
+        table.add_row(label, f"{dtype:<9} {human_bytes(info['memory'][dtype])}")
+
+    parts = [table]
+    if info.get("template_sample") is not None:
+        parts.append(Panel(Text(info["template_sample"]), title="chat template sample", title_align="left"))
+    elif info.get("template_error"):
+        parts.append(Text(f"chat template cannot render a sample: {info['template_error']}", style="yellow"))
+    return Group(*parts)

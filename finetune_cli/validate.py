@@ -40,16 +40,10 @@ def validate(recipe) -> dict:
         return records
 
     train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
-    records = train + (evals if d.eval else [])
-    chats = [r for r in records if "messages" in r]
-    tokenizer = models.load_tokenizer(
-        models.resolve(recipe.model.base),
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        require_template=bool(chats),
-    )
+    lines = _unique(train + evals)  # every line read once: weights repeat lines, eval_split moves them
+    tokenizer = _tokenizer(recipe, lines)
     counted = {}
-    for r in _unique(train + evals):
+    for r in lines:
         try:
             counted[r["source"]] = _count(tokenizer, r, d.max_length, d.train_on)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
@@ -60,7 +54,7 @@ def validate(recipe) -> dict:
     stats["steps_per_epoch"] = math.ceil(len(train) / (t.batch_size * t.gradient_accumulation)) if train else 0
     if evals:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
-    warnings = _warnings(train + (evals if d.eval else []), chats)
+    warnings = _warnings(lines)
     try:
         methods.check_device(recipe.method, t.precision, t.optimizer)
     except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
@@ -81,13 +75,17 @@ def validate(recipe) -> dict:
 
 
 def _unique(records: list[dict]) -> list[dict]:
-    """Weights repeat records; count each line once."""
-    seen, out = set(), []
-    for r in records:
-        if r["source"] not in seen:
-            seen.add(r["source"])
-            out.append(r)
-    return out
+    return list({r["source"]: r for r in records}.values())
+
+
+def _tokenizer(recipe, records: list[dict]):
+    """The recipe's tokenizer and template, without weights; a template is needed only for chat data."""
+    return models.load_tokenizer(
+        models.resolve(recipe.model.base),
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        require_template=any("messages" in r for r in records),
+    )
 
 
 def _count(tokenizer, record: dict, max_length: int, train_on: str) -> dict:
@@ -97,11 +95,10 @@ def _count(tokenizer, record: dict, max_length: int, train_on: str) -> dict:
         tokens = sum(len(c["input_ids"]) for c in chunks)
         learned = sum(sum(x != IGNORE for x in c["labels"]) for c in chunks)
         return {"tokens": tokens, "learned": learned, "lost": 0, "over": False}  # long texts are chunked, not cut
-    ex = tokenize(tokenizer, record["messages"], UNLIMITED, train_on)
-    ex["truncated"] = len(ex["input_ids"]) > max_length
-    learned = sum(x != IGNORE for x in ex["labels"])
-    kept = sum(x != IGNORE for x in ex["labels"][:max_length])
-    return {"tokens": len(ex["input_ids"]), "learned": learned, "lost": learned - kept, "over": ex["truncated"]}
+    labels = tokenize(tokenizer, record["messages"], UNLIMITED, train_on)["labels"]
+    learned = sum(x != IGNORE for x in labels)
+    kept = sum(x != IGNORE for x in labels[:max_length])
+    return {"tokens": len(labels), "learned": learned, "lost": learned - kept, "over": len(labels) > max_length}
 
 
 def _stats(counts: list[dict], max_length: int) -> dict:
@@ -123,8 +120,9 @@ def _stats(counts: list[dict], max_length: int) -> dict:
     }
 
 
-def _warnings(records: list[dict], chats: list[dict]) -> list[str]:
+def _warnings(records: list[dict]) -> list[str]:
     out = []
+    chats = [r for r in records if "messages" in r]
     without = [r for r in chats if r["messages"][0]["role"] != "system"]
     if without and len(without) < len(chats):
         out.append(
@@ -153,20 +151,15 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
         records += jsonl.read(spec.path, spec.format or d.format, spec.columns or d.columns, d.system_prompt)
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
-    tokenizer = models.load_tokenizer(
-        models.resolve(recipe.model.base),
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        require_template=any("messages" in r for r in records),
-    )
+    tokenizer = _tokenizer(recipe, records)
     out = []
     for r in records[index : index + count]:
-        if "text" in r:
-            chunks = tokenize_text(tokenizer, r["text"], UNLIMITED)
-            ids, labels, truncated = chunks[0]["input_ids"], chunks[0]["labels"], False
+        if "text" in r:  # training cuts long texts into max_length chunks, losing nothing: show the first
+            chunks = tokenize_text(tokenizer, r["text"], d.max_length) or [{"input_ids": [], "labels": []}]
+            ids, labels, truncated, parts = chunks[0]["input_ids"], chunks[0]["labels"], False, len(chunks)
         else:
             ex = tokenize(tokenizer, r["messages"], d.max_length, d.train_on)
-            ids, labels, truncated = ex["input_ids"], ex["labels"], ex["truncated"]
+            ids, labels, truncated, parts = ex["input_ids"], ex["labels"], ex["truncated"], 1
         tokens = [
             {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": lab != IGNORE}
             for t, lab in zip(ids, labels)
@@ -178,6 +171,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
                 "count": len(tokens),
                 "learned": sum(t["learned"] for t in tokens),
                 "truncated": truncated,
+                "chunks": parts,
             }
         )
     return out

@@ -134,6 +134,21 @@ def test_run_compare_base(tiny_run, tiny_model_dir):
     assert direct["nll"] == pytest.approx(base["nll"], rel=1e-5)
 
 
+def test_training_eval_on_text_equals_ftune_eval(tmp_path, tiny_model_dir):
+    """Plain-text eval data: the eval loss training logs is the number `ftune eval` gives (same sliding windows)."""
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"Document {i}. " * 30} for i in range(6)])
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "A held-out document, longer than one window. " * 12}])
+    (tmp_path / "recipe.yaml").write_text(
+        f"model:\n  base: {tiny_model_dir}\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n  max_length: 48\n"
+        f"training:\n  max_steps: 2\n  batch_size: 2\noutput:\n  dir: {tmp_path / 'run'}\n"
+    )
+    result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--samples", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    after = json.loads(result.stdout)["eval_after"]
+    tuned = eval_json(tmp_path / "run")["results"]["tuned"]
+    assert tuned["tokens"] == after["tokens"] and tuned["nll"] == pytest.approx(after["nll"], rel=1e-4)
+
+
 def test_human_table(tiny_run):
     result = runner.invoke(app, ["eval", str(tiny_run[0]), "--compare-base"])
     assert result.exit_code == 0

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from finetune_cli.errors import FtuneError
-from finetune_cli.inspect_model import inspect, render
+from finetune_cli.inspect_model import inspect
+from finetune_cli.ui import inspect_table as render
 
 
 @pytest.fixture(autouse=True)

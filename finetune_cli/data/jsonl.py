@@ -56,26 +56,15 @@ def parse(
 
 
 def read(
-    path: str | Path,
-    fmt: str = "auto",
-    columns: dict | None = None,
-    system_prompt: str | None = None,
-    allow_text: bool = True,
+    path: str | Path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
 ) -> list[dict]:
     """The records of one file; the first bad line raises FtuneError naming file and line."""
-    records, errors, found = parse(path, fmt, columns, system_prompt)
+    records, errors, _ = parse(path, fmt, columns, system_prompt)
     if errors:
         raise errors[0]
     if not records:
         raise FtuneError(f"{path}: no examples (the file is empty)")
-    if found == "text" and not allow_text:
-        raise FtuneError(f"{path}: plain text data cannot be used here; give chat data")
     return records
-
-
-def read_conversations(path: str | Path, allow_text: bool = False) -> list[dict]:
-    """Records of a file in any format (format detected)."""
-    return read(path, allow_text=allow_text)
 
 
 def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dict]]:
