@@ -59,7 +59,7 @@ def _errors():
     except FtuneError as exc:
         if _state["debug"]:
             raise
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {_rank()}{exc}\n")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
@@ -69,8 +69,14 @@ def _errors():
     except Exception as exc:  # noqa: BLE001
         if _state["debug"]:
             raise
-        sys.stderr.write(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        sys.stderr.write(f"error: {_rank()}{type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
         raise typer.Exit(1) from None
+
+
+def _rank() -> str:
+    """'rank N: ' in the error lines of a distributed run's other processes."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"rank {rank}: "
 
 
 @app.command()
@@ -84,29 +90,49 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: continue although the recipe changed."),
     samples: int = typer.Option(1, "--samples", help="Eval prompts answered by base and tuned model at the end."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+    num_processes: Optional[int] = typer.Option(
+        None,
+        "--num-processes",
+        min=1,
+        help="Train on N processes (one per GPU; CPU processes without GPUs) through accelerate launch. "
+        "Sets distributed.num_processes.",
+    ),
 ):
     """Train a model as RECIPE says and write the run directory."""
     with _errors():
-        from finetune_cli import recipe, ui
+        from finetune_cli import launch, recipe, ui
         from finetune_cli import train as training
 
+        overrides = list(set_ or []) + ([f"distributed.num_processes={num_processes}"] if num_processes else [])
         run_dir = recipe_path if recipe_path.is_dir() else None
         if run_dir:  # a run directory: its own resolved recipe
             if not resume:
                 raise FtuneError(f"{run_dir} is a run directory; pass --resume to continue it")
             recipe_path = run_dir / "recipe.yaml"
-        resolved = recipe.load(recipe_path, set_ or [])
+        resolved = recipe.load(recipe_path, overrides)
         if run_dir:
             resolved.output.dir = str(run_dir)
+        if launch.wanted(resolved):  # check everything here, then start one `ftune train` per process
+            launch.check(resolved)
+            found = training.preflight(resolved, overwrite, resume, force)
+            if not (found["previous"] or {}).get("status") == "completed":
+                ui.status(f"launching {resolved.distributed.num_processes} processes ({resolved.distributed.strategy})")
+                flags = [f"--set={o}" for o in overrides] + [f"--samples={samples}"]
+                flags += [f for f, on in (("--overwrite", overwrite), ("--resume", resume), ("--force", force)) if on]
+                args = ["--debug"] * _state["debug"] + ["train", str(run_dir or recipe_path), *flags]
+                raise typer.Exit(launch.launch(resolved, args + ["--json"] * as_json, _state["debug"]))
+        main = launch.is_main()
         result = training.run(
             resolved,
             overwrite=overwrite,
-            callbacks=[ui.progress_callback()],
+            callbacks=[ui.progress_callback()] if main else [],
             samples=samples,
-            log=ui.status,
+            log=ui.status if main else (lambda msg: None),
             resume=resume,
             force=force,
         )
+        if not main:
+            return
         if result.get("already_completed"):
             sys.stderr.write(f"{result['run_dir']} is already completed; nothing to resume\n")
             if as_json:

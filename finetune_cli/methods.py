@@ -5,8 +5,11 @@ from __future__ import annotations
 from finetune_cli.errors import FtuneError
 
 
-def quantization_config(method, dtype_name: str):
-    """bitsandbytes settings for qlora (None for other methods); compute dtype follows the model's."""
+def quantization_config(method, dtype_name: str, shardable: bool = False):
+    """bitsandbytes settings for qlora (None for other methods); compute dtype follows the model's.
+
+    `shardable` (FSDP, ZeRO-3): 4-bit weights are stored in the compute dtype so they can be flattened and
+    sharded like the other parameters."""
     if method.name != "qlora":
         return None
     import torch
@@ -20,6 +23,7 @@ def quantization_config(method, dtype_name: str):
         bnb_4bit_quant_type=method.quant_type,
         bnb_4bit_use_double_quant=method.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute),
+        **({"bnb_4bit_quant_storage": getattr(torch, compute)} if shardable else {}),
     )
 
 

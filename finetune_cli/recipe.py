@@ -130,6 +130,28 @@ class TrainingSection(_Section):
     save_every_epoch: bool = False
 
 
+class DistributedSection(_Section):
+    num_processes: int = Field(default=1, gt=0)
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = "ddp"
+    config: str | None = None  # the user's own accelerate config file, used instead of the strategy's preset
+    num_machines: int = Field(default=1, gt=0)
+    machine_rank: int = Field(default=0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = Field(default=29500, gt=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _machines(self):
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                "distributed.num_processes counts all machines' processes: make it a multiple of num_machines"
+            )
+        if self.machine_rank >= self.num_machines:
+            raise ValueError("distributed.machine_rank counts from 0: it must be below num_machines")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("distributed.main_process_ip: set the address of machine_rank 0 for a multi-machine run")
+        return self
+
+
 class OutputSection(_Section):
     dir: str | None = None
 
@@ -139,6 +161,7 @@ class Recipe(_Section):
     data: DataSection
     method: Method = LoraMethod()
     training: TrainingSection = TrainingSection()
+    distributed: DistributedSection = DistributedSection()
     output: OutputSection = OutputSection()
 
 
@@ -159,7 +182,9 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise FtuneError(f"{path}: a recipe is a YAML mapping with sections model, data, method, training, output")
+        raise FtuneError(
+            f"{path}: a recipe is a YAML mapping with sections model, data, method, training, distributed, output"
+        )
     set_keys = set()
     for item in overrides:
         set_keys.add(_apply_override(raw, item))
@@ -299,6 +324,7 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
     else:
         recipe.data.train = resolve(recipe.data.train)
     recipe.data.eval = resolve(recipe.data.eval)
+    recipe.distributed.config = resolve(recipe.distributed.config)
     from finetune_cli.data.templates import NAMES
 
     if recipe.model.chat_template and recipe.model.chat_template not in NAMES:

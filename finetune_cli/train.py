@@ -16,12 +16,47 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, files, methods, models
+from finetune_cli import __version__, files, launch, methods, models
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.evaluate import build_examples, corpus_nll, default_stride
 from finetune_cli.generate import reply
+
+
+def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = False, force: bool = False) -> dict:
+    """Everything that can fail on the user's input, before the run directory is touched or processes start.
+
+    Returns the loaded pieces; `previous` is the run.json of a run being resumed."""
+    out = Path(recipe.output.dir)
+    found = {"out": out, "previous": None, "checkpoint": None}
+    if resume:
+        found["previous"] = _previous_run(recipe, out, force)
+        if found["previous"].get("status") == "completed":
+            return found
+        found["checkpoint"] = latest_checkpoint(out)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FtuneError(
+            f"output.dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output.dir"
+        )
+    methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
+    train_convs, eval_convs, train_files = jsonl.load(recipe.data, recipe.training.seed)
+    source = models.resolve(recipe.model.base)
+    tokenizer = models.load_tokenizer(
+        source,
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        require_template=any("messages" in r for r in train_convs + eval_convs),
+    )
+    return {
+        **found,
+        "train": train_convs,
+        "eval": eval_convs,
+        "files": train_files,
+        "source": source,
+        "tokenizer": tokenizer,
+    }
 
 
 def run(
@@ -33,37 +68,26 @@ def run(
     resume: bool = False,
     force: bool = False,
 ) -> dict:
-    """Train as the recipe says and write the run directory; return the summary that run.json holds."""
-    out = Path(recipe.output.dir)
-    checkpoint = None
-    if resume:
-        previous = _previous_run(recipe, out, force)
-        if previous.get("status") == "completed":
-            return {"run_dir": str(out), **previous, "already_completed": True}
-        checkpoint = latest_checkpoint(out)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FtuneError(
-            f"output.dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another output.dir"
-        )
+    """Train as the recipe says and write the run directory; return the summary that run.json holds.
 
-    # Everything that can fail on the user's input happens before the run directory is touched.
-    methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
-    d = recipe.data
-    train_convs, eval_convs, train_files = jsonl.load(d, recipe.training.seed)
-    source = models.resolve(recipe.model.base)
-    tokenizer = models.load_tokenizer(
-        source,
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        require_template=any("messages" in r for r in train_convs + eval_convs),
-    )
-    train_examples, train_stats = cache.tokenize(tokenizer, train_convs, d.max_length, d.train_on, d.cache)
-    eval_examples, eval_stats = (
-        build_examples(tokenizer, eval_convs, d.max_length, d.train_on, default_stride(d.max_length), d.cache)
-        if eval_convs
-        else ([], {})
-    )
+    Under a launcher every rank runs this; only the main one writes (run directory, metrics, artifact)."""
+    main = launch.is_main()
+    strategy = launch.check_rank(recipe)
+    found = preflight(recipe, overwrite, resume, force)
+    out, checkpoint = found["out"], found["checkpoint"]
+    if found["previous"] and found["previous"].get("status") == "completed":
+        return {"run_dir": str(out), **found["previous"], "already_completed": True}
+    d, source, tokenizer = recipe.data, found["source"], found["tokenizer"]
+    train_convs, eval_convs, train_files = found["train"], found["eval"], found["files"]
+    launch.init(_cuda())
+    shared = d.cache or launch.world_size() > 1  # the other ranks read what the first one tokenized
+    with launch.local_main_first():
+        train_examples, train_stats = cache.tokenize(tokenizer, train_convs, d.max_length, d.train_on, shared)
+        eval_examples, eval_stats = (
+            build_examples(tokenizer, eval_convs, d.max_length, d.train_on, default_stride(d.max_length), shared)
+            if eval_convs
+            else ([], {})
+        )
     if not train_examples:
         raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
     log(f"model {recipe.model.base}")
@@ -77,30 +101,45 @@ def run(
         + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
         + f"; tokenized cache {train_stats['cache']}"
     )
+    t, processes = recipe.training, launch.world_size()
+    log(
+        f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
+        f"process{'es' if processes > 1 else ''} = {t.batch_size * t.gradient_accumulation * processes} "
+        f"sequences per step" + (f" ({strategy})" if processes > 1 else "")
+    )
     dtype = models.torch_dtype(recipe.model.dtype)
-    quantization = methods.quantization_config(recipe.method, str(dtype).removeprefix("torch."))
+    quantization = methods.quantization_config(
+        recipe.method, str(dtype).removeprefix("torch."), shardable=strategy in launch.SHARDED
+    )
     model = models.load_model(source, recipe.model.dtype, recipe.model.trust_remote_code, quantization)
 
     if resume:
-        _trim_metrics(out / "metrics.jsonl", _checkpoint_step(checkpoint))
+        if main:
+            _trim_metrics(out / "metrics.jsonl", _checkpoint_step(checkpoint))
         log(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting from step 0")
-    else:
+    elif main:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         files.write_text(out / "recipe.yaml", recipes.dump(recipe))
+    write = (lambda: files.write_json(out / "run.json", info)) if main else (lambda: None)
     info = {
         "status": "running",
         **({"resumed_from": str(checkpoint)} if checkpoint else {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
+        "distributed": {
+            "processes": processes,
+            "strategy": strategy,
+            "effective_batch_size": t.batch_size * t.gradient_accumulation * processes,
+        },
         "data": {
             "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in train_files], **train_stats},
             **({"eval": {"path": d.eval, "sha256": _sha256(d.eval), **eval_stats}} if d.eval else {}),
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
     }
-    files.write_json(out / "run.json", info)
+    write()
     started = time.time()
     stop = _StopRequest()
     try:
@@ -121,23 +160,24 @@ def run(
     except BaseException as exc:
         info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
         info["seconds"] = round(time.time() - started, 1)
-        files.write_json(out / "run.json", info)
+        write()
         if isinstance(exc, (FtuneError, KeyboardInterrupt)):
             raise
         raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
     if stop.requested:
         info.update(status="interrupted", reason=f"{stop.requested} at step {result['steps']}", **result)
         info["seconds"] = round(time.time() - started, 1)
-        files.write_json(out / "run.json", info)
+        write()
         raise FtuneError(
             f"interrupted ({stop.requested}) at step {result['steps']}; checkpoint saved. "
             f"Continue with: ftune train {out} --resume",
             INTERRUPTED,
         )
     info.update(status="completed", seconds=round(time.time() - started, 1), **result)
-    files.write_json(out / "run.json", info)
-    for folder in ("checkpoints", ".staging"):  # the run is whole: its artifact replaces them
-        shutil.rmtree(out / folder, ignore_errors=True)
+    write()
+    if main:
+        for folder in ("checkpoints", ".staging"):  # the run is whole: its artifact replaces them
+            shutil.rmtree(out / folder, ignore_errors=True)
     return {"run_dir": str(out), **info}
 
 
@@ -186,6 +226,7 @@ def _train(
         max_length=None,  # examples are truncated by us, with counts reported
         dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
     )
     columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
     trainer = SFTTrainer(
@@ -197,19 +238,21 @@ def _train(
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)
-    metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    main = launch.is_main()
+    metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8") if main else None
     metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
     trainer.add_callback(_checkpoints_callback(out, t.save_total_limit, t.save_every_epoch))
     try:
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
     model = trainer.model
     after = metrics.last_eval
     stopped = any(getattr(cb, "stop_requested", False) for cb in trainer.callback_handler.callbacks)
     tuned_replies = [] if stopped else [reply(model, tokenizer, p) for p in prompts]
-    artifact = None if stopped else _save(model, tokenizer, recipe, out)
+    artifact = None if stopped else _save(trainer, recipe, out)
 
     trainable, total = methods.count_parameters(model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -231,20 +274,27 @@ def _train(
     }
 
 
-def _save(model, tokenizer, recipe, out: Path) -> Path:
-    """adapter/ (PEFT methods, with ftune.json naming base and quantization) or model/ (full), renamed into place."""
+def _save(trainer, recipe, out: Path) -> Path:
+    """adapter/ (PEFT methods, with ftune.json naming base and quantization) or model/ (full), renamed into place.
+
+    Every rank calls this: under FSDP or ZeRO-3 the whole state dict is gathered from all of them, and the
+    main process writes it (never one shard of it)."""
     full = recipe.method.name == "full"
     final = out / ("model" if full else "adapter")
     tmp = out / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if full:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-    else:
-        model.save_pretrained(tmp)
-        method = recipe.method.model_dump()
-        files.write_json(tmp / "ftune.json", {"base": recipe.model.base, "method": method})
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(final)
+    main = launch.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(tmp))  # weights, config and tokenizer
+    if main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not ours to ship
+        if not full:
+            method = recipe.method.model_dump()
+            files.write_json(tmp / "ftune.json", {"base": recipe.model.base, "method": method})
+        tmp.rename(final)
+    launch.barrier()
     return final
 
 
@@ -292,8 +342,9 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
                 row.update(eval_loss=logs["eval_loss"], eval_perplexity=logs["eval_perplexity"])
             else:
                 return
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
+            if fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.time()
@@ -335,8 +386,9 @@ def _checkpoints_callback(out: Path, limit: int, every_epoch: bool):
                 control.should_save = True
 
         def on_save(self, args, state, control, **kw):
+            launch.barrier()  # every rank has written its part (its RNG state) of the checkpoint
             staged = out / ".staging" / f"checkpoint-{state.global_step}"
-            if not staged.is_dir():
+            if not state.is_world_process_zero or not staged.is_dir():
                 return
             final = out / "checkpoints" / staged.name
             final.parent.mkdir(exist_ok=True)
@@ -388,6 +440,8 @@ class _StopRequest:
             stop_requested = False
 
             def on_step_end(self, args, state, control, **kw):
+                if launch.world_size() > 1:  # a signal that reached one rank stops them all at the same step
+                    request.requested = launch.any_rank(request.requested)
                 if request.requested:
                     self.stop_requested = True
                     control.should_save = True
@@ -405,13 +459,22 @@ def _previous_run(recipe, out: Path, force: bool) -> dict:
 
     saved = _flatten(yaml.safe_load((out / "recipe.yaml").read_text()))
     now = _flatten(recipe.model_dump(mode="json"))
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "output.dir")
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE)
     if changed and not force:
         raise FtuneError(
             f"--resume: the recipe differs from the run's own in {', '.join(changed)}; "
             "resume with the run's recipe (ftune train RUN_DIR --resume) or pass --force"
         )
     return previous
+
+
+# keys that may differ between the run's recipe and a resume of it (each machine of a multi-node run has its own)
+_PER_MACHINE = {
+    "output.dir",
+    "distributed.machine_rank",
+    "distributed.main_process_ip",
+    "distributed.main_process_port",
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -51,7 +51,8 @@ def validate(recipe) -> dict:
     train = [r for r in train if r["source"] in counted]
     stats = _stats([counted[r["source"]] for r in train], d.max_length)
     t = recipe.training
-    stats["steps_per_epoch"] = math.ceil(len(train) / (t.batch_size * t.gradient_accumulation)) if train else 0
+    per_step = t.batch_size * t.gradient_accumulation * recipe.distributed.num_processes
+    stats["steps_per_epoch"] = math.ceil(len(train) / per_step) if train else 0
     if evals:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
     warnings = _warnings(lines)
