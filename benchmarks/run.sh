@@ -10,6 +10,8 @@ tmp=$(mktemp)
   echo "Written by \`make bench\` on $(date -u +%Y-%m-%d). Ratios are measured side by side in one run; absolute"
   echo "figures depend on the machine and its load."
   echo
+  "$py" benchmarks/startup.py
+  "$py" benchmarks/train_throughput.py --repeats "${REPEATS:-2}" --features
   "$py" benchmarks/eval_throughput.py
 } > "$tmp"
 mv "$tmp" BENCHMARKS.md

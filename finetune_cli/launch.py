@@ -109,12 +109,10 @@ def preset(recipe) -> Path:
 
 
 def mixed_precision(precision: str) -> str:
-    """accelerate's name for training.precision (auto: bf16 on a GPU that has it)."""
-    if precision == "auto":
-        import torch
+    """accelerate's name for training.precision (auto resolved as training resolves it)."""
+    from finetune_cli.methods import precision as resolve
 
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(precision, precision)
+    return {"fp32": "no"}.get(resolve(precision), resolve(precision))
 
 
 def command(recipe, ftune_args: list[str]) -> list[str]:

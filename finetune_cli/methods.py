@@ -80,8 +80,12 @@ def restore_training_layout(model) -> None:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
-def check_device(method, precision: str, optimizer: str) -> None:
-    """Refuse, before any model loads, what this machine cannot do."""
+def check_device(method, precision: str, optimizer: str, liger: bool = False) -> None:
+    """Refuse, before any model loads, what this machine cannot do. Imports torch only when the answer
+    depends on the hardware (`ftune validate` of a plain recipe stays torch-free)."""
+    needs_cuda = precision in ("fp16", "bf16") or "8bit" in optimizer or optimizer.startswith("paged") or liger
+    if not needs_cuda and not (method.name == "qlora" and method.bits == 8):
+        return
     import torch
 
     cuda = torch.cuda.is_available()
@@ -93,6 +97,34 @@ def check_device(method, precision: str, optimizer: str) -> None:
         raise FtuneError(f"training.optimizer: {optimizer} needs a CUDA GPU; use adamw_torch on CPU")
     if method.name == "qlora" and method.bits == 8 and not cuda:
         raise FtuneError("method.bits: 8-bit loading needs a CUDA GPU; use bits: 4 on CPU")
+    if liger:
+        import importlib.util
+
+        if not cuda:
+            raise FtuneError("training.liger: Liger kernels are Triton kernels for CUDA GPUs; set it to false on CPU")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise FtuneError("training.liger: liger-kernel is not installed; pip install liger-kernel, or set false")
+
+
+def precision(setting: str) -> str:
+    """The training precision `auto` stands for: bf16 on GPUs that have it and on CPUs with native bf16
+    matmuls (AMX or AVX512-BF16), where autocast is faster; fp32 elsewhere (emulated bf16 is slower)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def count_parameters(model) -> tuple[int, int]:

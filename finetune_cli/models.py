@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -110,10 +111,15 @@ def load_tokenizer(
     source: str, chat_template: str | None = None, trust_remote_code: bool = False, require_template: bool = True
 ):
     """Load the tokenizer; `chat_template` (a builtin template name or a .jinja file) replaces the tokenizer's own."""
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if _generic_tokenizer(source):  # the class AutoTokenizer would pick, without its torch-importing config step
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
         raise load_error(source, exc) from None
     if chat_template:
@@ -126,6 +132,18 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _generic_tokenizer(source: str) -> bool:
+    """A local folder whose tokenizer_config.json names the generic tokenizers-backed class."""
+    config = Path(source) / "tokenizer_config.json"
+    if not config.is_file() or not (Path(source) / "tokenizer.json").is_file():
+        return False
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return name in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False, quantization=None):

@@ -75,7 +75,7 @@ class LoraMethod(_Section):
     name: Literal["lora"] = "lora"
     r: int = Field(default=16, gt=0)
     alpha: float = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
@@ -118,6 +118,10 @@ class TrainingSection(_Section):
     max_grad_norm: float = Field(default=1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    packing: bool = True
+    group_by_length: bool = False
+    compile: bool = False
+    liger: bool = False
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
     ] = "adamw_torch"

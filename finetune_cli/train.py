@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, files, launch, methods, models
+from finetune_cli import __version__, attention, files, launch, methods, models
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
@@ -40,7 +40,8 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
             f"output.dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another output.dir"
         )
-    methods.check_device(recipe.method, recipe.training.precision, recipe.training.optimizer)
+    t = recipe.training
+    methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     train_convs, eval_convs, train_files = jsonl.load(recipe.data, recipe.training.seed)
     source = models.resolve(recipe.model.base)
     tokenizer = models.load_tokenizer(
@@ -184,65 +185,19 @@ def run(
 def _train(
     recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples, checkpoint
 ):
-    import datasets
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    t, method = recipe.training, recipe.method
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and _cuda_bf16())
-    fp16 = t.precision == "fp16"
+    t = recipe.training
     # The base model's own answers and eval loss, before any adapter or update touches it.
     prompts = [c["messages"][: _last_assistant(c["messages"])] for c in eval_convs if "messages" in c][:samples]
     base_replies = [reply(model, tokenizer, p) for p in prompts]
     before = corpus_nll(model, eval_examples, t.batch_size, tokenizer.pad_token_id) if eval_examples else None
 
-    model = methods.prepare(model, method, t.gradient_checkpointing)
-    args = SFTConfig(
-        output_dir=str(out / ".staging"),  # checkpoints are written here, then renamed into checkpoints/
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=bf16,
-        fp16=fp16,
-        use_cpu=not _cuda(),
-        logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        eval_strategy="no",
-        report_to=t.report_to,
-        disable_tqdm=True,
-        max_length=None,  # examples are truncated by us, with counts reported
-        dataset_kwargs={"skip_prepare_dataset": True},
-        include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
-    )
-    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_dict(columns),
-        processing_class=tokenizer,
-        peft_config=methods.peft_config(method, source),
-        callbacks=list(callbacks),
-    )
-    trainer.remove_callback(PrinterCallback)
-    main = launch.is_main()
+    trainer = build_trainer(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    main, method = launch.is_main(), recipe.method
     metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8") if main else None
     metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
     trainer.add_callback(_checkpoints_callback(out, t.save_total_limit, t.save_every_epoch))
+    started = time.perf_counter()
     try:
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
@@ -259,6 +214,7 @@ def _train(
     return {
         "method": method.name,
         "steps": trainer.state.global_step,
+        "train_seconds": round(time.perf_counter() - started, 2),
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
@@ -274,6 +230,73 @@ def _train(
     }
 
 
+def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, callbacks):
+    """The SFTTrainer for the recipe: our tokenized examples, TRL's collator (padded, or padding-free when
+    `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
+    import datasets
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    t, method = recipe.training, recipe.method
+    precision = methods.precision(t.precision)
+    packing = packing_applies(recipe)
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    if packing:
+        attention.use_for_packing(model)
+    args = SFTConfig(
+        output_dir=str(out / ".staging"),  # checkpoints are written here, then renamed into checkpoints/
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not _cuda(),
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        eval_strategy="no",
+        report_to=t.report_to,
+        disable_tqdm=True,
+        max_length=None,  # examples are truncated by us, with counts reported
+        dataset_kwargs={"skip_prepare_dataset": True},
+        padding_free=packing,  # one row per micro-batch, positions restart per example: no padding computed
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        torch_compile=t.compile,
+        use_liger_kernel=t.liger,
+        # packed rows hold no padding; padded batches count their attention mask (pad may equal EOS)
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
+    )
+    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def packing_applies(recipe) -> bool:
+    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example)."""
+    return recipe.training.packing and recipe.method.name != "prompt_tuning"
+
+
 def _save(trainer, recipe, out: Path) -> Path:
     """adapter/ (PEFT methods, with ftune.json naming base and quantization) or model/ (full), renamed into place.
 
@@ -285,6 +308,8 @@ def _save(trainer, recipe, out: Path) -> Path:
     main = launch.is_main()
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    attention.restore(model)
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))  # weights, config and tokenizer
@@ -504,12 +529,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _cuda_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _versions() -> dict:

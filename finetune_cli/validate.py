@@ -57,7 +57,7 @@ def validate(recipe) -> dict:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
     warnings = _warnings(lines)
     try:
-        methods.check_device(recipe.method, t.precision, t.optimizer)
+        methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
         warnings.insert(0, f"this machine cannot train this recipe as it is: {exc}")
     by_kind: dict[str, list[dict]] = {}

@@ -1,0 +1,137 @@
+"""Speed switches change speed only: padding-free packing computes the same per-example losses as unpacked
+training (checked against plain transformers, one example at a time), and neither packing nor length grouping
+changes which examples an epoch sees or their masks. Also: `ftune --help` and `ftune validate` stay
+torch-free."""
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune_cli import models, train
+from finetune_cli import recipe as recipes
+from finetune_cli.data import jsonl
+from finetune_cli.data.masking import IGNORE, tokenize_all
+from tests.conftest import conversation, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("speed")
+    # lengths from one exchange to four: packing and grouping have something to do
+    write_jsonl(folder / "train.jsonl", [conversation(i, system=i % 2 == 0, turns=1 + i % 4) for i in range(24)])
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    examples, _ = tokenize_all(tokenizer, jsonl.read(folder / "train.jsonl"), 256, "assistant")
+    return folder, tokenizer, examples
+
+
+def trainer_for(setup, tiny_model_dir, tmp_path, **training):
+    folder, tokenizer, examples = setup
+    recipe = recipes.Recipe.model_validate(
+        {
+            "model": {"base": str(tiny_model_dir)},
+            "data": {"train": str(folder / "train.jsonl")},
+            "method": {"name": "lora", "r": 4, "dropout": 0.0},
+            "training": {"batch_size": 4, "gradient_accumulation": 2, "epochs": 1, **training},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    model = models.load_model(str(tiny_model_dir))
+    return train.build_trainer(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
+
+
+def epoch(trainer) -> list[dict]:
+    """The examples one epoch hands to the model, each as (input_ids, labels[1:]), unpacking packed rows."""
+    seen = []
+    for batch in trainer.get_train_dataloader():
+        if "position_ids" in batch and "attention_mask" not in batch:  # padding-free: one row, restarts at 0
+            ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+            starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+            for a, b in zip(starts, starts[1:]):
+                seen.append((tuple(ids[a:b].tolist()), tuple(labels[a + 1 : b].tolist())))
+        else:
+            for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+                n = int(mask.sum())
+                seen.append((tuple(ids[:n].tolist()), tuple(labels[1:n].tolist())))
+    return seen
+
+
+def as_counter(examples) -> Counter:
+    return Counter((tuple(e["input_ids"]), tuple(e["labels"][1:])) for e in examples)
+
+
+@pytest.mark.parametrize("packing,grouping", [(False, False), (True, False), (False, True), (True, True)])
+def test_packing_and_grouping_keep_the_epoch_and_its_masks(setup, tiny_model_dir, tmp_path, packing, grouping):
+    trainer = trainer_for(setup, tiny_model_dir, tmp_path, packing=packing, group_by_length=grouping)
+    assert Counter(epoch(trainer)) == as_counter(setup[2])
+
+
+def test_length_grouping_reduces_padding(setup, tiny_model_dir, tmp_path):
+    def padded(trainer):
+        return sum(b["input_ids"].numel() for b in trainer.get_train_dataloader())
+
+    plain = trainer_for(setup, tiny_model_dir, tmp_path, packing=False)
+    grouped = trainer_for(setup, tiny_model_dir, tmp_path, packing=False, group_by_length=True)
+    packed = trainer_for(setup, tiny_model_dir, tmp_path, packing=True)
+    total = sum(len(e["input_ids"]) for e in setup[2])
+    assert padded(packed) == total < padded(grouped) < padded(plain)
+
+
+def test_packed_losses_equal_unpacked_per_example(setup, tiny_model_dir, tmp_path):
+    """Every example's summed NLL from a packed row equals the same example scored alone by plain transformers
+    (tolerance 1e-4 relative, float32: only the attention kernel's summation order differs), and the trainer's
+    loss on the packed batch equals total NLL / learned tokens of the unpacked examples."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = trainer_for(setup, tiny_model_dir, tmp_path, packing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # LoRA B starts at 0: the same function
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        pos = batch["position_ids"][0]
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+        total_nll, total_n = 0.0, 0
+        for a, b in zip(starts, starts[1:]):
+            ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a + 1 : b]
+            packed = F.cross_entropy(logits[a : b - 1], labels, ignore_index=IGNORE, reduction="sum")
+            alone = plain(ids[None]).logits[0, :-1]
+            reference = F.cross_entropy(alone, labels, ignore_index=IGNORE, reduction="sum")
+            assert float(packed) == pytest.approx(float(reference), rel=1e-4)
+            total_nll += float(reference)
+            total_n += int((labels != IGNORE).sum())
+        assert len(starts) - 1 == 4  # the four examples of one micro-batch
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(total_n))
+    assert float(loss) == pytest.approx(total_nll / total_n, rel=1e-4)
+
+
+def test_prompt_tuning_is_never_packed(setup, tiny_model_dir, tmp_path):
+    """Prompt tuning prepends virtual tokens to each row: a packed row would share one prefix, so it stays padded."""
+    folder, tokenizer, examples = setup
+    recipe = recipes.Recipe.model_validate(
+        {
+            "model": {"base": str(tiny_model_dir)},
+            "data": {"train": str(folder / "train.jsonl")},
+            "method": {"name": "prompt_tuning", "num_virtual_tokens": 4},
+            "training": {"batch_size": 4, "packing": True},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    model = models.load_model(str(tiny_model_dir))
+    trainer = train.build_trainer(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
+    assert "attention_mask" in next(iter(trainer.get_train_dataloader()))
+
+
+def test_help_and_validate_do_not_import_torch(tmp_path, tiny_recipe, builtin_dir):
+    probe = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom finetune_cli.cli import app\n"
+        "r = CliRunner().invoke(app, sys.argv[1:])\nassert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    for args in (["--help"], ["validate", str(tiny_recipe)]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "False", args
