@@ -88,7 +88,9 @@ def test_kill_9_then_resume_matches_uninterrupted(recipe, tmp_path, uninterrupte
     run = tmp_path / "run"
     proc = start("train", recipe, "--samples", "0")
     wait_for(lambda: (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(), proc)
-    time.sleep(random.uniform(0, 2.0))  # a random point after the first checkpoint
+    # a random point after the first checkpoint, well before the end (a step takes a fraction of a second)
+    last = random.randint(2, STEPS - 3)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and max(train_steps(run), default=0) >= last, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((run / "run.json").read_text())["status"] == "running"  # killed: no chance to say more
