@@ -35,22 +35,21 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_for_packing(model) -> bool:
+def use_for_packing(model) -> None:
     """Switch a model on SDPA (or eager) attention to the per-example kernel; models on flash-attn keep it (it
-    handles packed rows itself). Returns whether the model was switched."""
+    handles packed rows itself), and so do models that cannot switch implementation."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
+        return
     AttentionInterface.register(NAME, packed_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches (eval) keep SDPA's masks
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError):
-        return False
-    return config._attn_implementation == NAME
+        pass
 
 
 def restore(model) -> None:

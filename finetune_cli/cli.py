@@ -75,8 +75,9 @@ def _errors():
 
 def _rank() -> str:
     """'rank N: ' in the error lines of a distributed run's other processes."""
-    rank = os.environ.get("RANK", "0")
-    return "" if rank == "0" else f"rank {rank}: "
+    from finetune_cli import launch
+
+    return "" if launch.is_main() else f"rank {launch.rank()}: "
 
 
 @app.command()
@@ -115,7 +116,7 @@ def train(
         if launch.wanted(resolved):  # check everything here, then start one `ftune train` per process
             launch.check(resolved)
             found = training.preflight(resolved, overwrite, resume, force)
-            if not (found["previous"] or {}).get("status") == "completed":
+            if not found["completed"]:
                 ui.status(f"launching {resolved.distributed.num_processes} processes ({resolved.distributed.strategy})")
                 flags = [f"--set={o}" for o in overrides] + [f"--samples={samples}"]
                 flags += [f for f, on in (("--overwrite", overwrite), ("--resume", resume), ("--force", force)) if on]
@@ -347,9 +348,9 @@ def recipes_copy(
 
 
 # glibc hands freed memory back to the OS at once and maps big blocks afresh, so every training step page-faults
-# its activations in again (a third of the wall time was system time). These keep freed memory for reuse; they
-# must be set before the interpreter starts, so `ftune train` / `ftune eval` re-execute themselves once with them.
-# FTUNE_MALLOC=0 turns this off. Effect measured in BENCHMARKS.md.
+# its activations in again (37 of 163 CPU-seconds of a benchmark run were system time). These keep freed memory
+# for reuse; they must be set before the interpreter starts, so `ftune train` / `ftune eval` re-execute themselves
+# once with them. FTUNE_MALLOC=0 turns this off. Effect on training measured in BENCHMARKS.md (1.64x).
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**30),
     "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),

@@ -41,7 +41,8 @@ def launcher_strategy() -> str:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return "fsdp"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return f"deepspeed-zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '')}".rstrip("-zero")
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # unset when the stage is in a JSON file
+        return f"deepspeed-zero{stage}" if stage else "deepspeed"
     return "ddp"
 
 
@@ -112,7 +113,8 @@ def mixed_precision(precision: str) -> str:
     """accelerate's name for training.precision (auto resolved as training resolves it)."""
     from finetune_cli.methods import precision as resolve
 
-    return {"fp32": "no"}.get(resolve(precision), resolve(precision))
+    resolved = resolve(precision)
+    return "no" if resolved == "fp32" else resolved
 
 
 def command(recipe, ftune_args: list[str]) -> list[str]:

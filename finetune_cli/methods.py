@@ -83,8 +83,8 @@ def restore_training_layout(model) -> None:
 def check_device(method, precision: str, optimizer: str, liger: bool = False) -> None:
     """Refuse, before any model loads, what this machine cannot do. Imports torch only when the answer
     depends on the hardware (`ftune validate` of a plain recipe stays torch-free)."""
-    needs_cuda = precision in ("fp16", "bf16") or "8bit" in optimizer or optimizer.startswith("paged") or liger
-    if not needs_cuda and not (method.name == "qlora" and method.bits == 8):
+    hardware_dependent = precision in ("fp16", "bf16") or "8bit" in optimizer or optimizer.startswith("paged")
+    if not (hardware_dependent or liger or (method.name == "qlora" and method.bits == 8)):
         return
     import torch
 

@@ -29,11 +29,11 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
 
     Returns the loaded pieces; `previous` is the run.json of a run being resumed."""
     out = Path(recipe.output.dir)
-    found = {"out": out, "previous": None, "checkpoint": None}
+    found = {"out": out, "previous": None, "checkpoint": None, "completed": False}
     if resume:
         found["previous"] = _previous_run(recipe, out, force)
         if found["previous"].get("status") == "completed":
-            return found
+            return {**found, "completed": True}
         found["checkpoint"] = latest_checkpoint(out)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise FtuneError(
@@ -76,7 +76,7 @@ def run(
     strategy = launch.check_rank(recipe)
     found = preflight(recipe, overwrite, resume, force)
     out, checkpoint = found["out"], found["checkpoint"]
-    if found["previous"] and found["previous"].get("status") == "completed":
+    if found["completed"]:
         return {"run_dir": str(out), **found["previous"], "already_completed": True}
     d, source, tokenizer = recipe.data, found["source"], found["tokenizer"]
     train_convs, eval_convs, train_files = found["train"], found["eval"], found["files"]
@@ -103,10 +103,11 @@ def run(
         + f"; tokenized cache {train_stats['cache']}"
     )
     t, processes = recipe.training, launch.world_size()
+    effective = t.batch_size * t.gradient_accumulation * processes
     log(
         f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
-        f"process{'es' if processes > 1 else ''} = {t.batch_size * t.gradient_accumulation * processes} "
-        f"sequences per step" + (f" ({strategy})" if processes > 1 else "")
+        f"process{'es' if processes > 1 else ''} = {effective} sequences per step"
+        + (f" ({strategy})" if processes > 1 else "")
     )
     dtype = models.torch_dtype(recipe.model.dtype)
     quantization = methods.quantization_config(
@@ -132,7 +133,7 @@ def run(
         "distributed": {
             "processes": processes,
             "strategy": strategy,
-            "effective_batch_size": t.batch_size * t.gradient_accumulation * processes,
+            "effective_batch_size": effective,
         },
         "data": {
             "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in train_files], **train_stats},
