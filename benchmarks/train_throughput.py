@@ -232,6 +232,8 @@ def main() -> None:
 FEATURES = [
     ("`training.packing: false` (padded batches)", {"packing": False}, None),
     ("`training.packing: false`, `training.group_by_length: true`", {"packing": False, "group_by_length": True}, None),
+    ("`training.micro_batch_tokens: null` (whole packed rows)", {"micro_batch_tokens": None}, None),
+    ("`training.micro_batch_tokens: 1024`", {"micro_batch_tokens": 1024}, None),
     ("`FTUNE_MALLOC=0` (glibc's default memory release)", {}, {"FTUNE_MALLOC": "0"}),
     ("`method.dropout: 0.05`", {"dropout": 0.05}, None),
     ("`training.precision: bf16` (autocast)", {"precision": "bf16"}, None),

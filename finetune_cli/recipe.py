@@ -119,6 +119,7 @@ class TrainingSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     packing: bool = True
+    micro_batch_tokens: Literal["auto"] | Annotated[int, Field(gt=0)] | None = "auto"
     group_by_length: bool = False
     compile: bool = False
     liger: bool = False

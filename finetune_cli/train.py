@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, attention, files, launch, methods, models
+from finetune_cli import __version__, attention, files, launch, methods, microbatch, models
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
@@ -102,12 +102,13 @@ def run(
         + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
         + f"; tokenized cache {train_stats['cache']}"
     )
-    t, processes = recipe.training, launch.world_size()
+    t, processes, budget = recipe.training, launch.world_size(), micro_batch_tokens(recipe)
     effective = t.batch_size * t.gradient_accumulation * processes
     log(
         f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
         f"process{'es' if processes > 1 else ''} = {effective} sequences per step"
         + (f" ({strategy})" if processes > 1 else "")
+        + (f"; packed micro-batches run in passes of at most {budget} tokens" if budget else "")
     )
     dtype = models.torch_dtype(recipe.model.dtype)
     quantization = methods.quantization_config(
@@ -134,6 +135,7 @@ def run(
             "processes": processes,
             "strategy": strategy,
             "effective_batch_size": effective,
+            "micro_batch_tokens": budget,
         },
         "data": {
             "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in train_files], **train_stats},
@@ -236,7 +238,7 @@ def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, c
     `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
     import datasets
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     t, method = recipe.training, recipe.method
     precision = methods.precision(t.precision)
@@ -281,7 +283,7 @@ def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, c
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
     )
     columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
-    trainer = SFTTrainer(
+    trainer = microbatch.trainer_class()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_dict(columns),
@@ -290,12 +292,18 @@ def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, c
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.micro_batch_tokens = micro_batch_tokens(recipe)
     return trainer
 
 
 def packing_applies(recipe) -> bool:
     """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example)."""
     return recipe.training.packing and recipe.method.name != "prompt_tuning"
+
+
+def micro_batch_tokens(recipe) -> int | None:
+    """The token budget of each forward/backward pass over a packed micro-batch (None: the whole row)."""
+    return microbatch.resolve(recipe.training.micro_batch_tokens, _cuda()) if packing_applies(recipe) else None
 
 
 def _save(trainer, recipe, out: Path) -> Path:

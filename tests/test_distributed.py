@@ -45,7 +45,10 @@ def recipe_file(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def two_processes(recipe_file):
     out_dir = recipe_file.parent / "ddp"
-    out = ftune("train", recipe_file, "--num-processes", 2, "--samples", 0, "--set", f"output.dir={out_dir}")
+    # each rank runs its packed row of 2 examples as passes of one example (all are over 32 tokens): the
+    # passes before the last skip DDP's all-reduce
+    sets = ["--set", f"output.dir={out_dir}", "--set", "training.micro_batch_tokens=32"]
+    out = ftune("train", recipe_file, "--num-processes", 2, "--samples", 0, *sets)
     assert out.returncode == 0, out.stderr
     return out_dir, out
 
@@ -53,9 +56,15 @@ def two_processes(recipe_file):
 @pytest.fixture(scope="module")
 def one_process(recipe_file):
     out_dir = recipe_file.parent / "single"
-    out = ftune(
-        "train", recipe_file, "--samples", 0, "--set", f"output.dir={out_dir}", "--set", "training.batch_size=4"
-    )
+    sets = [
+        "--set",
+        f"output.dir={out_dir}",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.micro_batch_tokens=null",
+    ]
+    out = ftune("train", recipe_file, "--samples", 0, *sets)
     assert out.returncode == 0, out.stderr
     return out_dir
 
@@ -74,11 +83,16 @@ def test_two_processes_write_one_run_that_plain_peft_loads(two_processes, tiny_m
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == STEPS
-    assert info["distributed"] == {"processes": 2, "strategy": "ddp", "effective_batch_size": 4}
+    assert info["distributed"] == {
+        "processes": 2,
+        "strategy": "ddp",
+        "effective_batch_size": 4,
+        "micro_batch_tokens": 32,
+    }
     # one epoch of 4 steps x 4 sequences: the two ranks together saw all 16 examples' tokens, each once
     assert [r["epoch"] for r in steps(run_dir)] == [0.25, 0.5, 0.75, 1.0]
-    lengths = sum(len(e) for e in _token_counts(run_dir))
-    assert info["tokens_seen"] == lengths
+    counts = [len(e) for e in _token_counts(run_dir)]
+    assert info["tokens_seen"] == sum(counts) and min(counts) > 32
     # rank 0 alone prints: one summary, one effective-batch line
     assert out.stderr.count("sequences per step") == 1 and out.stderr.count("ftune train") == 1
     assert "2 per device x 1 accumulation x 2 processes = 4 sequences per step" in out.stderr
@@ -103,7 +117,8 @@ def _token_counts(run_dir: Path) -> list[list[int]]:
 def test_two_processes_match_one_process_with_twice_the_batch(two_processes, one_process):
     """Tolerance 1e-4 relative. Why it should be tiny: with the same seed both runs draw the same 4 examples per
     step (rank 0 takes the first 2, rank 1 the next 2), transformers normalises the loss by the learned tokens
-    of the whole global batch (all-reduced), and DDP averages gradients; what remains is float32 summation
+    of the whole global batch (all-reduced), and DDP averages gradients (the two-process run also splits each
+    rank's row into one pass per example, the single process runs its row whole); what remains is float32 summation
     order (measured: equal to 1e-6). Different examples per rank, or each rank seeing the same ones, would
     change the loss from step 1 by far more."""
     two, one = steps(two_processes[0]), steps(one_process)
@@ -128,7 +143,12 @@ def test_torchrun_runs_each_process_as_one_rank(two_processes, recipe_file):
     assert "launching" not in out.stderr  # it did not launch again
     assert out.stderr.count("ftune train") == 1
     info = json.loads((out_dir / "run.json").read_text())
-    assert info["distributed"] == {"processes": 2, "strategy": "ddp", "effective_batch_size": 4}
+    assert info["distributed"] == {
+        "processes": 2,
+        "strategy": "ddp",
+        "effective_batch_size": 4,
+        "micro_batch_tokens": 512,
+    }
     for a, b in zip(steps(out_dir), steps(two_processes[0]), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 

@@ -15,6 +15,7 @@ from finetune_cli import models, train
 from finetune_cli import recipe as recipes
 from finetune_cli.data import jsonl
 from finetune_cli.data.masking import IGNORE, tokenize_all
+from finetune_cli.microbatch import resolve, split
 from tests.conftest import conversation, write_jsonl
 
 
@@ -135,3 +136,69 @@ def test_help_and_validate_do_not_import_torch(tmp_path, tiny_recipe, builtin_di
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().splitlines()[-1] == "False", args
+
+
+def test_micro_batch_split_partitions_the_row_into_whole_examples(setup, tiny_model_dir, tmp_path):
+    trainer = trainer_for(setup, tiny_model_dir, tmp_path, packing=True)
+    for batch in trainer.get_train_dataloader():
+        lengths = batch["cu_seq_lens_q"].diff().tolist()
+        budget = max(lengths) - 1  # the longest example runs alone, over the budget
+        parts = split(batch, budget)
+        assert len(parts) > 1
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(torch.cat([p[key] for p in parts], dim=1), batch[key]), key
+        before = [0] + [len(p["cu_seq_lens_q"]) - 1 for p in parts][:-1]  # each part counts its examples from 0
+        seq_idx = torch.cat([p["seq_idx"] + sum(before[: i + 1]) for i, p in enumerate(parts)], dim=1)
+        assert torch.equal(seq_idx, batch["seq_idx"])
+        assert sum(len(p["cu_seq_lens_q"]) - 1 for p in parts) == len(lengths)
+        for p in parts:
+            n = p["input_ids"].shape[1]
+            own = p["cu_seq_lens_q"].diff().tolist()
+            assert p["cu_seq_lens_q"][0] == 0 and p["cu_seq_lens_q"][-1] == n and p["max_length_q"] == max(own)
+            assert torch.equal(p["cu_seq_lens_k"], p["cu_seq_lens_q"])
+            assert p["position_ids"][0, 0] == 0 and p["seq_idx"][0, 0] == 0
+            assert n <= budget or len(own) == 1
+        assert split(batch, sum(lengths)) == [batch]  # a row that fits stays whole
+        assert split(batch, None) == [batch]
+
+
+def test_micro_batch_tokens_change_memory_not_gradients(setup, tiny_model_dir, tmp_path):
+    """One packed micro-batch run whole and as sub-rows of at most 64 tokens: the same loss and the same
+    gradient on every trainable parameter (float32; only summation order differs), since each pass is
+    normalised by the step's learned-token count, not its own."""
+    grads, losses = [], []
+    for budget in (None, 64):
+        torch.manual_seed(0)
+        trainer = trainer_for(setup, tiny_model_dir, tmp_path, packing=True, micro_batch_tokens=budget)
+        with torch.no_grad():  # LoRA B starts at zero: give it values so every gradient is non-trivial
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        batch = next(iter(trainer.get_train_dataloader()))
+        n = (batch["labels"][:, 1:] != IGNORE).sum()
+        trainer.create_optimizer()
+        trainer.model.zero_grad()
+        losses.append(float(trainer.training_step(trainer.model, dict(batch), num_items_in_batch=n)))
+        grads.append({k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.requires_grad})
+    assert len(split(batch, 64)) >= 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        assert grads[0][k].abs().sum() > 0, k
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batch_tokens_setting(setup, tiny_model_dir, tmp_path):
+    assert resolve("auto", cuda=False) == 512 and resolve("auto", cuda=True) is None and resolve(128, True) == 128
+    folder = setup[0]
+
+    def recipe(**training):
+        return recipes.Recipe.model_validate(
+            {"data": {"train": str(folder / "train.jsonl")}, "training": training, "output": {"dir": str(tmp_path)}}
+        )
+
+    assert train.micro_batch_tokens(recipe()) == (None if torch.cuda.is_available() else 512)
+    assert train.micro_batch_tokens(recipe(packing=False, micro_batch_tokens=100)) is None
+    assert train.micro_batch_tokens(recipe(micro_batch_tokens=None)) is None
+    with pytest.raises(ValueError):
+        recipe(micro_batch_tokens=0)
