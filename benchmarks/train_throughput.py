@@ -47,31 +47,37 @@ def build_data(folder: Path) -> Path:
     return path
 
 
-def tokenize(data: Path, folder: Path) -> tuple[Path, dict]:
+def tokenize(
+    data: Path, folder: Path, model: str = "smollm2-135m-instruct", max_length: int = 1024
+) -> tuple[Path, dict]:
     """ftune's tokenization of the data (for the baseline) and the token counts of one epoch."""
     from finetune_cli import models
     from finetune_cli.data import jsonl
     from finetune_cli.data.masking import IGNORE, tokenize_all
 
-    tok = models.load_tokenizer(models.resolve("smollm2-135m-instruct"))
-    examples, _ = tokenize_all(tok, jsonl.read(data), 1024, "assistant")
+    tok = models.load_tokenizer(models.resolve(model))
+    examples, _ = tokenize_all(tok, jsonl.read(data), max_length, "assistant")
     path = folder / "tokenized.jsonl"
     path.write_text("".join(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}) + "\n" for e in examples))
     lengths = [len(e["input_ids"]) for e in examples]
     learned = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
-    return path, {"examples": len(examples), "tokens": sum(lengths), "learned": learned, "lengths": lengths}
+    counts = {"examples": len(examples), "tokens": sum(lengths), "learned": learned, "lengths": lengths}
+    return path, {**counts, "vocab": len(tok)}
 
 
-def recipe(folder: Path, data: Path, name: str, sets: dict) -> Path:
+def recipe(folder: Path, data: Path, name: str, sets: dict, base: str = "smollm2-135m-instruct") -> Path:
     sets = dict(sets)
-    dropout = sets.pop("dropout", 0.0)
+    dropout, method = sets.pop("dropout", 0.0), sets.pop("method", "lora")
+    max_length = sets.pop("max_length", 1024)
     training = {"max_steps": STEPS, "batch_size": BATCH, "gradient_accumulation": ACCUM, "learning_rate": 2e-4,
                 "save_steps": None, "warmup_ratio": 0.0, "lr_scheduler": "linear", **sets}  # fmt: skip
+    lora = f"method:\n  name: lora\n  r: 16\n  alpha: 32\n  dropout: {dropout}\n"
     text = (
-        "model:\n  base: smollm2-135m-instruct\n"
-        f"data:\n  train: {data}\n  max_length: 1024\n  cache: false\n"
-        f"method:\n  name: lora\n  r: 16\n  alpha: 32\n  dropout: {dropout}\n"
-        "training:\n" + "".join(f"  {k}: {json.dumps(v) if v is not None else 'null'}\n" for k, v in training.items())
+        f"model:\n  base: {base}\n"
+        f"data:\n  train: {data}\n  max_length: {max_length}\n  cache: false\n"
+        + ("method:\n  name: full\n" if method == "full" else lora)
+        + "training:\n"
+        + "".join(f"  {k}: {json.dumps(v) if v is not None else 'null'}\n" for k, v in training.items())
     )
     path = folder / f"{name}.yaml"
     path.write_text(text + f"output:\n  dir: {folder / ('run-' + name)}\n")
@@ -96,25 +102,36 @@ def ftune_run(path: Path, env: dict | None = None) -> dict:
     info = json.loads(out)
     losses = [json.loads(line)["loss"] for line in Path(info["run_dir"], "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]  # fmt: skip
-    return {"seconds": info["train_seconds"], "final_loss": info["final_loss"], "rss": rss, "losses": losses}
+    return {"seconds": info["train_seconds"], "final_loss": info["final_loss"], "rss": rss, "losses": losses,
+            "gpu_mib": info.get("peak_gpu_memory_mib")}  # fmt: skip
 
 
-def baseline_run(model: str, tokenized: Path, fp32: bool) -> dict:
+def baseline_run(model: str, tokenized: Path, fp32: bool, full: bool = False) -> dict:
     cmd = [PY, str(ROOT / "benchmarks/trl_baseline.py"), "--model", model, "--data", str(tokenized)]
-    cmd += ["--fp32"] * fp32
+    cmd += ["--fp32"] * fp32 + ["--full"] * full
     cmd += ["--batch-size", str(BATCH), "--grad-accum", str(ACCUM), "--steps", str(STEPS), "--lr", "2e-4"]
     out, rss = run(cmd)
     info = json.loads(out.strip().splitlines()[-1])
     return {"seconds": info["train_seconds"], "final_loss": info["final_loss"], "rss": rss, "bf16": info["bf16"],
-            "losses": info["losses"]}  # fmt: skip
+            "losses": info["losses"], "gpu_mib": info.get("peak_gpu_mib")}  # fmt: skip
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best TFLOP/s of an n x n x n matmul in `dtype` on this machine (all threads); a dtype this CPU only
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best TFLOP/s of an n x n x n matmul in `dtype` on this machine (all threads) or GPU; a dtype this CPU only
     emulates (a 256^3 product taking over 0.1 s) is measured on 512^3 so the benchmark does not stall."""
     import torch
 
     dtype = getattr(torch, dtype_name)
+    if device != "cpu":
+        a, b = (torch.randn(8192, 8192, dtype=dtype, device=device) for _ in range(2))
+        best = 0.0
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            torch.cuda.synchronize()
+            best = max(best, 2 * 8192**3 / (time.perf_counter() - t) / 1e12)
+        return best
     t = time.perf_counter()
     torch.randn(256, 256, dtype=dtype) @ torch.randn(256, 256, dtype=dtype)
     if time.perf_counter() - t > 0.1:
@@ -204,6 +221,12 @@ def main() -> None:
         f"Loss per step, first run: ftune {[round(x, 3) for x in ours[0]['losses']]}, "
         f"baseline {[round(x, 3) for x in base[0]['losses']]}.\n"
     )
+    speed, memory, loss_gap = o[0] / b[0], orss[0] / brss[0], abs(ol[0] - bl[0]) / bl[0]
+    print(
+        f"Goals: learned tokens/s at least 2x the baseline's: **{verdict(speed >= 2)}** ({speed:.2f}x); peak "
+        f"memory no more than the baseline's: **{verdict(memory <= 1)}** ({memory:.2f}x); the same final loss "
+        f"(within 1%): **{verdict(loss_gap <= 0.01)}** ({ol[0]:.4f} vs {bl[0]:.4f}).\n"
+    )
     native = peaks["bfloat16"] > peaks["float32"]
     print(
         f"Matmul peak on this machine ({torch.get_num_threads()} threads): float32 {peaks['float32']:.3f} TFLOP/s, "
@@ -227,6 +250,10 @@ def main() -> None:
         rate = counts["learned"] / r["seconds"]
         print(f"| {label} | {rate:,.0f} | {rate / ref:.2f}x | {r['rss']:,.0f} | {r['final_loss']:.4f} |")
     print()
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 FEATURES = [

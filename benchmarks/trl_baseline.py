@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fp32", action="store_true", help="bf16=False: the one change a CPU user may know to make")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     args = p.parse_args()
 
     rows = [json.loads(line) for line in open(args.data)]
@@ -54,7 +55,11 @@ def main() -> None:
             use_cpu=not torch.cuda.is_available(),  # on CPU TRL's default bf16=True refuses to start without it
             **({"bf16": False} if args.fp32 else {}),
         )
-        peft = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft = (
+            None
+            if args.full
+            else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft)  # fmt: skip
         start = time.perf_counter()
@@ -68,6 +73,7 @@ def main() -> None:
                 "final_loss": losses[-1],
                 "losses": losses,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                 "bf16": config.bf16,
                 "torch_threads": torch.get_num_threads(),
             }

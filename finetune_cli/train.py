@@ -222,6 +222,7 @@ def _train(
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        **({"peak_gpu_memory_mib": round(_max_gpu_memory() / 2**20)} if _cuda() else {}),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "eval_before": before,
@@ -538,6 +539,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _max_gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()
 
 
 def _versions() -> dict:

@@ -1,0 +1,131 @@
+"""GPU training throughput: `ftune train` against the plain TRL script on a random-init Llama of about 1B
+parameters (TinyLlama's shape: 22 layers, hidden 2048, 32 heads / 4 KV heads, untied embeddings), bf16,
+conversations of about 2,048 tokens, LoRA and full fine-tuning, A B A B. No weights are downloaded: the model
+is built from a config and saved next to a tokenizer (default: the builtin SmolLM2's, whose vocabulary it
+takes). Reports learned tokens/s, peak GPU memory (max allocated), final loss and MFU of the device's
+measured bf16 matmul peak. `make bench` runs it when CUDA is available.
+
+Run: python benchmarks/gpu_throughput.py [--tokenizer DIR] [--repeats 2] [--tiny]
+(--tiny: a 2-layer model and short data, to check the script itself on a CPU.)
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import train_throughput as tt
+
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4}  # fmt: skip
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}  # fmt: skip
+
+
+def build_model(folder: Path, tokenizer_dir: str, shape: dict) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **shape)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    path = folder / "llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_data(folder: Path, tokenizer_dir: str, examples: int, length: int) -> Path:
+    """Conversations of the quickstart's exchanges under one system prompt, each grown to about `length` tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = [json.loads(line) for line in (tt.ROOT / "recipes/data/quickstart/train.jsonl").read_text().splitlines()]
+    out, i = [], 0
+    for _ in range(examples):
+        messages = [rows[i % len(rows)]["messages"][0]]
+        while len(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]) < length * 0.9:
+            messages += [m for m in rows[i % len(rows)]["messages"] if m["role"] != "system"]
+            i += 1
+        out.append({"messages": messages})
+    path = folder / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
+def useful_flops(shape: dict, vocab: int, counts: dict, full: bool) -> float:
+    """Forward 2 FLOPs per weight per token, backward 2 for activation gradients (+2 for weight gradients when
+    the weights train), the LM head on learned positions, causal attention; LoRA's own matmuls left out."""
+    d, ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_token = (6 if full else 4) * layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
+    attention = sum(3 * 2 * layers * d * n * n for n in counts["lengths"])
+    return per_token * counts["tokens"] + (6 if full else 4) * d * vocab * counts["learned"] + attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer", help="a tokenizer folder with a chat template (default: the builtin SmolLM2's)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    from finetune_cli import models
+
+    tokenizer_dir = args.tokenizer or models.resolve("smollm2-135m-instruct")
+    shape, length = (TINY, 256) if args.tiny else (LLAMA_1B, 2048)
+    examples, tt.BATCH, tt.ACCUM = 32, 4, 2
+    tt.STEPS = examples // (tt.BATCH * tt.ACCUM)
+    folder = Path(tempfile.mkdtemp(prefix="ftune-gpu-bench-"))
+    model = build_model(folder, tokenizer_dir, shape)
+    data = build_data(folder, tokenizer_dir, examples, length)
+    tokenized, counts = tt.tokenize(data, folder, str(model), length)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "CPU (script check only)"
+    peak = tt.matmul_peak("bfloat16", device="cuda") if cuda else tt.matmul_peak("float32")
+    print(f"## Training throughput on a GPU: ftune vs a plain TRL script ({device})\n")
+    print(
+        f"Model: random-init Llama, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, vocabulary "
+        f"{counts['vocab']:,}, bf16 weights. Data: {counts['examples']} conversations, {counts['tokens']:,} tokens "
+        f"({counts['learned']:,} learned), lengths {min(counts['lengths'])}-{max(counts['lengths'])}; one epoch = "
+        f"{tt.STEPS} steps of {tt.BATCH} x {tt.ACCUM}. Baseline: `benchmarks/trl_baseline.py` with TRL's defaults "
+        f"(bf16 autocast, padded batches, gradient checkpointing). {args.repeats} run(s) each, A B A B. "
+        f"{'bf16' if cuda else 'fp32'} matmul "
+        f"peak measured on this device: {peak:.3g} TFLOP/s.\n"
+    )
+    memory = "peak GPU memory (max allocated) MiB" if cuda else "peak RSS MiB"
+    print(f"| method | | learned tokens/s (median, min-max) | {memory} | final loss | MFU |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for method in ("lora", "full"):
+        sets = {"method": method, "max_length": length}
+        recipe = tt.recipe(folder, data, f"gpu-{method}", sets, base=str(model))
+        ours, base = [], []
+        for _ in range(args.repeats):
+            ours.append(tt.ftune_run(recipe))
+            base.append(tt.baseline_run(str(model), tokenized, fp32=not cuda, full=method == "full"))
+        flops = useful_flops(shape, counts["vocab"], counts, method == "full")
+        rates = {}
+        for name, runs in (("ftune", ours), ("TRL baseline", base)):
+            for r in runs:
+                r["learned_per_s"] = counts["learned"] / r["seconds"]
+            memory = tt.summary(runs, "gpu_mib" if cuda else "rss")
+            s, m, loss = tt.summary(runs, "learned_per_s"), memory, tt.summary(runs, "final_loss")
+            seconds = tt.summary(runs, "seconds")[0]
+            rates[name] = (s[0], m[0])
+            mfu = 100 * flops / seconds / 1e12 / peak
+            print(f"| {method} | {name} | {s[0]:,.0f} ({s[1]:,.0f}-{s[2]:,.0f}) | {m[0]:,.0f} | {loss[0]:.4f} | "
+                  f"{mfu:.1f}% |")  # fmt: skip
+        (o, om), (b, bm) = rates["ftune"], rates["TRL baseline"]
+        print(f"| {method} | ratio | **{o / b:.2f}x** | {om / bm:.2f}x | | |")
+        ratios[method] = o / b
+    goals = "; ".join(f"{m}: **{tt.verdict(r >= 1.5)}** ({r:.2f}x)" for m, r in ratios.items())
+    print(f"\nGoal: learned tokens/s at least 1.5x the baseline's. {goals}.\n")
+
+
+if __name__ == "__main__":
+    main()
