@@ -22,11 +22,10 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2}  # fmt: skip
 
 
-def build_model(folder: Path, tokenizer_dir: str, shape: dict) -> Path:
+def build_model(folder: Path, tokenizer, shape: dict) -> Path:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **shape)  # fmt: skip
@@ -38,11 +37,8 @@ def build_model(folder: Path, tokenizer_dir: str, shape: dict) -> Path:
     return path
 
 
-def build_data(folder: Path, tokenizer_dir: str, examples: int, length: int) -> Path:
+def build_data(folder: Path, tokenizer, examples: int, length: int) -> Path:
     """Conversations of the quickstart's exchanges under one system prompt, each grown to about `length` tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = [json.loads(line) for line in (tt.ROOT / "recipes/data/quickstart/train.jsonl").read_text().splitlines()]
     out, i = [], 0
     for _ in range(examples):
@@ -56,16 +52,6 @@ def build_data(folder: Path, tokenizer_dir: str, examples: int, length: int) -> 
     return path
 
 
-def useful_flops(shape: dict, vocab: int, counts: dict, full: bool) -> float:
-    """Forward 2 FLOPs per weight per token, backward 2 for activation gradients (+2 for weight gradients when
-    the weights train), the LM head on learned positions, causal attention; LoRA's own matmuls left out."""
-    d, ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    per_token = (6 if full else 4) * layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
-    attention = sum(3 * 2 * layers * d * n * n for n in counts["lengths"])
-    return per_token * counts["tokens"] + (6 if full else 4) * d * vocab * counts["learned"] + attention
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", help="a tokenizer folder with a chat template (default: the builtin SmolLM2's)")
@@ -73,16 +59,17 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     import torch
+    from transformers import AutoTokenizer
 
     from finetune_cli import models
 
-    tokenizer_dir = args.tokenizer or models.resolve("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or models.resolve("smollm2-135m-instruct"))
     shape, length = (TINY, 256) if args.tiny else (LLAMA_1B, 2048)
     examples, tt.BATCH, tt.ACCUM = 32, 4, 2
     tt.STEPS = examples // (tt.BATCH * tt.ACCUM)
     folder = Path(tempfile.mkdtemp(prefix="ftune-gpu-bench-"))
-    model = build_model(folder, tokenizer_dir, shape)
-    data = build_data(folder, tokenizer_dir, examples, length)
+    model = build_model(folder, tokenizer, shape)
+    data = build_data(folder, tokenizer, examples, length)
     tokenized, counts = tt.tokenize(data, folder, str(model), length)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU (script check only)"
@@ -97,8 +84,8 @@ def main() -> None:
         f"{'bf16' if cuda else 'fp32'} matmul "
         f"peak measured on this device: {peak:.3g} TFLOP/s.\n"
     )
-    memory = "peak GPU memory (max allocated) MiB" if cuda else "peak RSS MiB"
-    print(f"| method | | learned tokens/s (median, min-max) | {memory} | final loss | MFU |")
+    header = "peak GPU memory (max allocated) MiB" if cuda else "peak RSS MiB"
+    print(f"| method | | learned tokens/s (median, min-max) | {header} | final loss | MFU |")
     print("|---|---|---|---|---|---|")
     ratios = {}
     for method in ("lora", "full"):
@@ -108,13 +95,13 @@ def main() -> None:
         for _ in range(args.repeats):
             ours.append(tt.ftune_run(recipe))
             base.append(tt.baseline_run(str(model), tokenized, fp32=not cuda, full=method == "full"))
-        flops = useful_flops(shape, counts["vocab"], counts, method == "full")
+        flops = tt.useful_flops(counts, shape, counts["vocab"], full=method == "full")
         rates = {}
         for name, runs in (("ftune", ours), ("TRL baseline", base)):
             for r in runs:
                 r["learned_per_s"] = counts["learned"] / r["seconds"]
-            memory = tt.summary(runs, "gpu_mib" if cuda else "rss")
-            s, m, loss = tt.summary(runs, "learned_per_s"), memory, tt.summary(runs, "final_loss")
+            s, m = tt.summary(runs, "learned_per_s"), tt.summary(runs, "gpu_mib" if cuda else "rss")
+            loss = tt.summary(runs, "final_loss")
             seconds = tt.summary(runs, "seconds")[0]
             rates[name] = (s[0], m[0])
             mfu = 100 * flops / seconds / 1e12 / peak

@@ -117,44 +117,48 @@ def baseline_run(model: str, tokenized: Path, fp32: bool, full: bool = False) ->
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Best TFLOP/s of an n x n x n matmul in `dtype` on this machine (all threads) or GPU; a dtype this CPU only
-    emulates (a 256^3 product taking over 0.1 s) is measured on 512^3 so the benchmark does not stall."""
+    """Best TFLOP/s of an n x n x n matmul in `dtype` on this machine (all threads), or of 8192^3 on a GPU; a
+    dtype this CPU only emulates (a 256^3 product taking over 0.1 s) is measured on 512^3 so the benchmark does
+    not stall."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    if device != "cpu":
-        a, b = (torch.randn(8192, 8192, dtype=dtype, device=device) for _ in range(2))
-        best = 0.0
-        for _ in range(repeats + 1):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            torch.cuda.synchronize()
-            best = max(best, 2 * 8192**3 / (time.perf_counter() - t) / 1e12)
-        return best
-    t = time.perf_counter()
-    torch.randn(256, 256, dtype=dtype) @ torch.randn(256, 256, dtype=dtype)
-    if time.perf_counter() - t > 0.1:
-        n, repeats = 512, 2
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device == "cpu":
+        sync = lambda: None  # noqa: E731
+        t = time.perf_counter()
+        torch.randn(256, 256, dtype=dtype) @ torch.randn(256, 256, dtype=dtype)
+        if time.perf_counter() - t > 0.1:
+            n, repeats = 512, 2
+    else:
+        sync, n = torch.cuda.synchronize, 8192
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
     best = 0.0
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
     return best
 
 
-def useful_flops(counts: dict) -> float:
-    """Work a LoRA step must do: forward 2 FLOPs per weight per token through the decoder's linear layers and
-    backward 2 more (activation gradients; frozen weights get none), the LM head forward and backward on the
-    learned positions only, and causal attention (QK^T and AV: 2*layers*d*n^2 forward per sequence, twice that
-    backward). LoRA's own matmuls (r=16) are under 2% and left out."""
-    layers, d, kv, ff, vocab = 30, 576, 192, 1536, 49152
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3}  # fmt: skip
+
+
+def useful_flops(counts: dict, shape: dict = SMOLLM2, vocab: int = 49152, full: bool = False) -> float:
+    """Work a step must do: forward 2 FLOPs per weight per token through the decoder's linear layers and
+    backward 2 more for activation gradients (+2 for weight gradients when the weights train, `full`), the LM
+    head forward and backward on the learned positions only, and causal attention (QK^T and AV:
+    2*layers*d*n^2 forward per sequence, twice that backward). LoRA's own matmuls (r=16) are under 2% and left
+    out."""
+    d, ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
     linear = layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
     attention = sum(3 * 2 * layers * d * n * n for n in counts["lengths"])
-    return 4 * linear * counts["tokens"] + 4 * d * vocab * counts["learned"] + attention
+    passes = 6 if full else 4
+    return passes * linear * counts["tokens"] + passes * d * vocab * counts["learned"] + attention
 
 
 def summary(runs: list[dict], key: str) -> tuple[float, float, float]:

@@ -222,7 +222,7 @@ def _train(
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        **({"peak_gpu_memory_mib": round(_max_gpu_memory() / 2**20)} if _cuda() else {}),
+        **_peak_gpu_memory(),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "eval_before": before,
@@ -541,10 +541,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _max_gpu_memory() -> int:
+def _peak_gpu_memory() -> dict:
+    """The run's peak allocated GPU memory for run.json; nothing on CPU."""
     import torch
 
-    return torch.cuda.max_memory_allocated()
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
 
 
 def _versions() -> dict:
