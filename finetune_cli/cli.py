@@ -89,7 +89,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue although the recipe changed."),
-    samples: int = typer.Option(1, "--samples", help="Eval prompts answered by base and tuned model at the end."),
+    samples: int = typer.Option(
+        1, "--samples", min=0, help="Eval prompts answered by base and tuned model at the end (0 skips)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
     num_processes: Optional[int] = typer.Option(
         None,
@@ -110,6 +112,11 @@ def train(
             if not resume:
                 raise FtuneError(f"{run_dir} is a run directory; pass --resume to continue it")
             recipe_path = run_dir / "recipe.yaml"
+            if not recipe_path.is_file():
+                raise FtuneError(
+                    f"{run_dir}: no recipe.yaml to resume with; give the recipe: "
+                    f"ftune train RECIPE --resume --set output.dir={run_dir}"
+                )
         resolved = recipe.load(recipe_path, overrides)
         if run_dir:
             resolved.output.dir = str(run_dir)
@@ -218,6 +225,7 @@ def generate(
     with _errors():
         from finetune_cli import generate as gen
 
+        gen.check_sampling(do_sample, temperature, top_p)
         model, tokenizer = gen.load_target(target)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         gen.reply(model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream)
@@ -238,6 +246,7 @@ def chat(
     with _errors():
         from finetune_cli import generate as gen
 
+        gen.check_sampling(do_sample, temperature, top_p)
         model, tokenizer = gen.load_target(target)
         messages = [{"role": "system", "content": system}] if system else []
         sys.stderr.write("chat: type a message; an empty line or Ctrl-D ends\n")

@@ -6,12 +6,13 @@ text on every token after the first, with a sliding window when it is longer tha
 
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import files, models
-from finetune_cli import recipe as recipes
+from finetune_cli import models, rundir
 from finetune_cli.data import cache, jsonl
 from finetune_cli.data.masking import IGNORE
 from finetune_cli.errors import FtuneError
@@ -67,7 +68,7 @@ def corpus_nll(
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), _without_autocast(model):
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start : start + batch_size]]
             width = max(len(e["input_ids"]) for e in batch)
@@ -94,12 +95,21 @@ def corpus_nll(
     return {"tokens": count, "nll": total, "loss": loss, "perplexity": math.exp(loss) if count else float("nan")}
 
 
-def run_artifact(target: Path) -> Path | None:
-    """A run directory's adapter/ or model/ folder; None when TARGET is not a finished run."""
-    for name in ("adapter", "model"):
-        if (target / "recipe.yaml").is_file() and (target / name).is_dir():
-            return target / name
-    return None
+@contextmanager
+def _without_autocast(model):
+    """Score at the model's own precision, also inside bf16/fp16 training: accelerate wraps a prepared model's
+    forward in autocast (keeping the plain one as `_original_forward`), which would make eval during training
+    differ from eval before it and from `ftune eval` by the dtype alone."""
+    plain = getattr(model, "_original_forward", None)
+    if plain is None or "forward" not in vars(model):
+        yield
+        return
+    wrapped = model.forward
+    model.forward = plain
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def run(
@@ -112,31 +122,24 @@ def run(
     stride: int | None = None,
     progress: Callable[[int], Callable[[int], None]] = lambda total: None,
 ) -> dict:
-    """Score TARGET (run directory, model folder or base name) on its eval data or `data`; return the results.
+    """Score TARGET (run directory, adapter or model folder, base name) on its eval data or `data`.
 
     `progress(total_examples)` returns a per-batch callback, called once per scored model."""
-    path = Path(target)
-    artifact = run_artifact(path)
-    run_dir = path if artifact else None
-    if run_dir is None and path.is_dir() and not (path / "config.json").is_file():
-        raise FtuneError(
-            f"{target}: neither a finished run directory (recipe.yaml + adapter/ or model/) "
-            "nor a model folder (config.json)"
-        )
-    if compare_base and run_dir is None:
-        raise FtuneError(f"--compare-base needs a run directory; {target} is a model")
-    recipe = recipes.load(run_dir / "recipe.yaml") if run_dir else None
+    found = rundir.open_target(target)
+    recipe = found.recipe
+    if (compare_base or base_only) and found.kind == "model":
+        raise FtuneError(f"--compare-base and --base need a run directory or an adapter; {target} is a model")
     if data:
         names = [str(f) for f in data]
-        records = [r for f in data for r in jsonl.read(f)]
+        d = recipe.data if recipe else None
+        # extra data is read the way the run reads its own: its format, columns and system prompt
+        read = (lambda f: jsonl.read(f, d.format, d.columns, d.system_prompt)) if d else jsonl.read
+        records = [r for f in data for r in read(f)]
     else:
         names, records = _run_eval_data(recipe, target)
-    if run_dir:
-        source = models.resolve(recipe.model.base)
-        tokenizer = models.load_tokenizer(str(artifact))
-    else:
-        source = models.resolve(target)
-        tokenizer = models.load_tokenizer(source, require_template=False)
+    tokenizer = models.load_tokenizer(
+        found.tokenizer, trust_remote_code=found.trust_remote_code, require_template=False
+    )
     context = max_length or (recipe.data.max_length if recipe else 2048)
     train_on = recipe.data.train_on if recipe else "assistant"
     if any("messages" in r for r in records) and not tokenizer.chat_template:
@@ -147,25 +150,26 @@ def run(
     examples = build_examples(tokenizer, records, context, train_on, stride, recipe.data.cache if recipe else True)[0]
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
-
-    dtype = recipe.model.dtype if recipe else "auto"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def score(model) -> dict:
         return corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
 
+    def load(weights: str):
+        return models.load_model(weights, found.dtype, found.trust_remote_code)
+
     results = {}
-    if run_dir is None:
-        results["model"] = score(models.load_model(source, dtype))
-    elif artifact.name == "model":  # full fine-tuning: two separate models
+    if found.kind == "model":
+        results["model"] = score(load(found.weights))
+    elif found.adapter is None:  # full fine-tuning: two separate models
         if compare_base or base_only:
-            results["base"] = score(models.load_model(source, dtype))
+            results["base"] = score(load(models.resolve(found.base)))
         if not base_only:
-            results["tuned"] = score(models.load_model(str(artifact), dtype))
+            results["tuned"] = score(load(found.weights))
     else:  # one base model, scored with the adapter and with it switched off
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(models.load_model(source, dtype), str(artifact))
+        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
         if compare_base or base_only:
             with model.disable_adapter():
                 results["base"] = score(model)
@@ -173,8 +177,9 @@ def run(
             results["tuned"] = score(model)
     out = {
         "target": str(target),
-        "base": recipe.model.base if recipe else str(target),
+        "base": found.base or str(target),
         "data": names,
+        "data_sha256": [_sha256(f) for f in data] if data else None,
         "context": context,
         "stride": stride,
         "results": results,
@@ -182,9 +187,17 @@ def run(
     if "base" in results and "tuned" in results:
         b, t = results["base"]["perplexity"], results["tuned"]["perplexity"]
         out["change"] = {"perplexity": t - b, "relative": (t - b) / b}
-    if run_dir:
-        files.write_json(run_dir / "eval.json", out)
+    if found.run_dir:
+        rundir.save_evaluation(found.run_dir, out)
     return out
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:

@@ -7,30 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from finetune_cli import models
+from finetune_cli import models, rundir
 from finetune_cli.data.masking import end_of_turn_ids
 from finetune_cli.errors import FtuneError
-
-
-def find_adapter(source: str | Path) -> Path:
-    """SOURCE is a run directory or an adapter folder; return the adapter folder."""
-    src = Path(source)
-    if not src.exists():
-        raise FtuneError(f"{src}: no such run directory or adapter folder")
-    adapter = src / "adapter" if (src / "adapter").is_dir() else src
-    if not (adapter / "adapter_config.json").is_file():
-        if (src / "model" / "config.json").is_file():
-            raise FtuneError(f"{src} is a full fine-tuning run: {src / 'model'} is already a complete model")
-        raise FtuneError(f"{src}: no adapter here (no adapter_config.json); give a run directory or an adapter folder")
-    return adapter
-
-
-def adapter_base(adapter: Path) -> str:
-    """The base model an adapter was trained on: ftune's record, else PEFT's own."""
-    record = adapter / "ftune.json"
-    if record.is_file():
-        return json.loads(record.read_text())["base"]
-    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
 
 
 def merge(
@@ -42,24 +21,34 @@ def merge(
     overwrite: bool = False,
 ) -> dict:
     """Fold the adapter into a full-precision copy of its base and save a plain transformers model folder."""
-    adapter = find_adapter(source)
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    _check_shard_size(max_shard_size)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FtuneError(f"{source}: no such run directory or adapter folder")
+    if path.is_dir() and not rundir.is_run(path) and not (path / "adapter_config.json").exists():
+        if not (path / rundir.RUN_JSON).exists() and not (path / rundir.RECIPE).exists():
+            raise FtuneError(f"{source}: no adapter here (no adapter_config.json); give a run or an adapter folder")
+    found = rundir.open_target(source, base)
+    if found.adapter is None:
+        if found.run_dir is not None:
+            raise FtuneError(f"{source} is a full fine-tuning run: {found.weights} is already a complete model")
+        raise FtuneError(
+            f"{source}: no adapter here (no adapter_config.json); give a run directory or an adapter folder"
+        )
+    adapter = found.adapter
+    config = rundir.read_json(adapter / "adapter_config.json", "an adapter folder needs PEFT's config")
     if config.get("peft_type") != "LORA":
         raise FtuneError(
             f"{adapter}: a {config.get('peft_type', 'non-LoRA').lower()} adapter cannot be merged: it adds virtual "
             "tokens in front of the input rather than changing weights. Use the adapter folder itself with "
             "peft.PeftModel.from_pretrained(base, adapter)"
         )
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise FtuneError(f"--output: {out} exists; pass --overwrite or choose another folder")
-    base_name = base or adapter_base(adapter)
-    if not base_name:
-        raise FtuneError(f"{adapter}: the adapter does not record its base model; pass --base")
-    source_path = models.resolve(base_name)
-    tokenizer = models.load_tokenizer(str(adapter), require_template=False)
+    out = Path(output).expanduser()
+    rundir.check_output(out, "merge", overwrite, "--output")
+    base_name, source_path = found.base, found.weights
+    tokenizer = models.load_tokenizer(str(adapter), None, found.trust_remote_code, require_template=False)
     # Full precision (or the asked dtype) for every method: a QLoRA adapter is never merged into 4-bit weights.
-    model = models.load_model(source_path, dtype)
+    model = models.load_model(source_path, dtype, found.trust_remote_code)
     _check_shapes(model, adapter, base_name)
 
     from peft import PeftModel
@@ -75,13 +64,23 @@ def merge(
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(adapter, base_name, dtype), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / "README.md").write_text(_model_card(found, dtype), encoding="utf-8")
+        rundir.check_output(out, "merge", overwrite, "--output")  # again: something may have appeared meanwhile
+        rundir.replace_folder(tmp, out, "merge", [p.name for p in tmp.iterdir()])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
+
+
+def _check_shard_size(size: str) -> None:
+    """--max-shard-size is read before the slow merge, not after it."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(size) <= 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise FtuneError(f"--max-shard-size: {size!r} is not a size; write it like 2GB, 500MB or 1GiB") from None
 
 
 def _check_shapes(model, adapter: Path, base_name: str) -> None:
@@ -110,10 +109,8 @@ def _check_shapes(model, adapter: Path, base_name: str) -> None:
                 )
 
 
-def _model_card(adapter: Path, base_name: str, dtype: str) -> str:
-    record = adapter / "ftune.json"
-    method = json.loads(record.read_text())["method"] if record.is_file() else {"name": "lora"}
-    run = adapter.parent
+def _model_card(found: rundir.Target, dtype: str) -> str:
+    adapter, base_name, method = found.adapter, found.base, found.method or {"name": "lora"}
     lines = [
         "---",
         "library_name: transformers",
@@ -132,10 +129,21 @@ def _model_card(adapter: Path, base_name: str, dtype: str) -> str:
         json.dumps(method, indent=2),
         "```",
     ]
-    if (run / "recipe.yaml").is_file():
-        lines += ["", "## Recipe", "", "```yaml", (run / "recipe.yaml").read_text().rstrip(), "```"]
-    if (run / "eval.json").is_file():
-        results = json.loads((run / "eval.json").read_text())["results"]
-        lines += ["", "## Evaluation (ftune eval)", "", "| model | scored tokens | perplexity |", "|---|---|---|"]
-        lines += [f"| {name} | {r['tokens']} | {r['perplexity']:.4f} |" for name, r in results.items()]
+    run = found.run_dir
+    if run is not None and (run / rundir.RECIPE).is_file():
+        lines += ["", "## Recipe", "", "```yaml", (run / rundir.RECIPE).read_text(encoding="utf-8").rstrip(), "```"]
+    results = rundir.evaluations(run) if run is not None else []
+    if results:
+        lines += [
+            "",
+            "## Evaluation (ftune eval)",
+            "",
+            "| data | model | scored tokens | perplexity |",
+            "|---|---|---|---|",
+        ]
+        for e in results:
+            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
+            lines += [
+                f"| {data} | {name} | {r['tokens']} | {r['perplexity']:.4f} |" for name, r in e["results"].items()
+            ]
     return "\n".join(lines) + "\n"

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Callable
 
-from finetune_cli import models
+from finetune_cli import models, rundir
 from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
 
 
 def load_target(target: str):
-    """(model, tokenizer) for a run directory, an adapter folder, a model folder or a base model name."""
-    path = Path(target)
-    artifact = path / "adapter" if (path / "adapter").is_dir() else path
-    if (path / "model" / "config.json").is_file() and not (path / "adapter").is_dir():
-        artifact = path / "model"
-    if (artifact / "adapter_config.json").is_file():
+    """(model, tokenizer) for a run directory, an adapter folder, a model folder or a base model name, loaded as
+    training loaded it (dtype, trust_remote_code, the chat template saved with the adapter or model)."""
+    found = rundir.open_target(target)
+    tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
+    model = models.load_model(found.weights, found.dtype, found.trust_remote_code)
+    if found.adapter is not None:
         from peft import PeftModel
 
-        from finetune_cli.export import adapter_base
+        model = PeftModel.from_pretrained(model, str(found.adapter))
+    return model, tokenizer
 
-        base = adapter_base(artifact)
-        tokenizer = models.load_tokenizer(str(artifact))
-        model = PeftModel.from_pretrained(models.load_model(models.resolve(base)), str(artifact))
-        return model, tokenizer
-    if path.is_dir() and not (artifact / "config.json").is_file():
-        raise FtuneError(f"{target}: neither a run directory, an adapter folder nor a model folder")
-    source = str(artifact) if artifact != path else models.resolve(target)
-    return models.load_model(source), models.load_tokenizer(source)
+
+def check_sampling(do_sample: bool, temperature: float | None, top_p: float | None) -> None:
+    """Sampling flags are checked before any model is loaded."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise FtuneError(f"--temperature: {temperature} must be a number >= 0")
+    if do_sample and temperature == 0:
+        raise FtuneError("--temperature 0 with --do-sample: sampling needs a temperature > 0 (or use --greedy)")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise FtuneError(f"--top-p: {top_p} must be in (0, 1]")
 
 
 def reply(

@@ -146,6 +146,17 @@ def _generic_tokenizer(source: str) -> bool:
     return name in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+def check_config(source: str, trust_remote_code: bool = False) -> None:
+    """Read the model's config before anything is written: a model whose code lives in its folder needs
+    `model.trust_remote_code: true` (never a prompt on stdin)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise load_error(source, exc) from None
+
+
 def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False, quantization=None):
     """Load weights in `dtype`; with a bitsandbytes `quantization` config, quantized (QLoRA)."""
     from transformers import AutoModelForCausalLM
@@ -160,6 +171,11 @@ def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False
 
 
 def load_error(source: str, exc: Exception) -> FtuneError:
+    if "trust_remote_code" in str(exc):
+        return FtuneError(
+            f"model.trust_remote_code: {source} runs code from its own folder or repository; read it, then set "
+            "model.trust_remote_code: true in the recipe (or --set model.trust_remote_code=true) if you trust it"
+        )
     if Path(source).is_dir():
         return FtuneError(f"cannot load {source}: {str(exc).splitlines()[0]}")
     names = ", ".join(BUILTIN)

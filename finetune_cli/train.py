@@ -8,15 +8,14 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, attention, files, launch, methods, microbatch, models
+from finetune_cli import __version__, attention, files, launch, methods, microbatch, models, rundir
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
@@ -29,21 +28,19 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
 
     Returns the loaded pieces; `previous` is the run.json of a run being resumed."""
     out = Path(recipe.output.dir)
+    rundir.check_output(out, "run", overwrite, "output.dir", resume=resume)
     found = {"out": out, "previous": None, "checkpoint": None, "completed": False}
     if resume:
         found["previous"] = _previous_run(recipe, out, force)
-        if found["previous"].get("status") == "completed":
+        # a run whose adapter or model is saved is complete, whatever stopped it afterwards (samples, run.json)
+        if found["previous"].get("status") == "completed" or rundir.artifact(out):
             return {**found, "completed": True}
-        found["checkpoint"] = latest_checkpoint(out)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FtuneError(
-            f"output.dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another output.dir"
-        )
+        found["checkpoint"] = rundir.newest_checkpoint(out)
     t = recipe.training
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     train_convs, eval_convs, train_files = jsonl.load(recipe.data, recipe.training.seed)
     source = models.resolve(recipe.model.base)
+    models.check_config(source, recipe.model.trust_remote_code)
     tokenizer = models.load_tokenizer(
         source,
         recipe.model.chat_template,
@@ -71,13 +68,22 @@ def run(
 ) -> dict:
     """Train as the recipe says and write the run directory; return the summary that run.json holds.
 
-    Under a launcher every rank runs this; only the main one writes (run directory, metrics, artifact)."""
+    Under a launcher every rank runs this; only the main one writes (run directory, metrics, artifact) and holds
+    the run directory's lock, so two runs never share a folder."""
     main = launch.is_main()
     strategy = launch.check_rank(recipe)
     found = preflight(recipe, overwrite, resume, force)
-    out, checkpoint = found["out"], found["checkpoint"]
-    if found["completed"]:
-        return {"run_dir": str(out), **found["previous"], "already_completed": True}
+    out = found["out"]
+    with rundir.lock(out) if main else nullcontext():
+        if main:  # again under the lock: another run may have started here since the first check
+            rundir.check_output(out, "run", overwrite, "output.dir", resume=resume)
+        if found["completed"]:
+            return {"run_dir": str(out), **_finish_completed(out, found["previous"], main), "already_completed": True}
+        return _run(recipe, found, strategy, callbacks, samples, log, resume, overwrite)
+
+
+def _run(recipe, found, strategy, callbacks, samples, log, resume, overwrite) -> dict:
+    main, out, checkpoint = launch.is_main(), found["out"], found["checkpoint"]
     d, source, tokenizer = recipe.data, found["source"], found["tokenizer"]
     train_convs, eval_convs, train_files = found["train"], found["eval"], found["files"]
     launch.init(_cuda())
@@ -118,14 +124,16 @@ def run(
 
     if resume:
         if main:
-            _trim_metrics(out / "metrics.jsonl", _checkpoint_step(checkpoint))
+            rundir.trim_metrics(out / rundir.METRICS, rundir.checkpoint_step(checkpoint))
+            if not (out / rundir.RECIPE).is_file():  # only checkpoints were left: record the recipe resumed with
+                files.write_text(out / rundir.RECIPE, recipes.dump(recipe))
+            rundir.mark(out, "run")
         log(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint yet: starting from step 0")
     elif main:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        files.write_text(out / "recipe.yaml", recipes.dump(recipe))
-    write = (lambda: files.write_json(out / "run.json", info)) if main else (lambda: None)
+        if overwrite:
+            rundir.clear(out)  # check_output allowed it: only what ftune wrote is here
+        rundir.mark(out, "run")
+        files.write_text(out / rundir.RECIPE, recipes.dump(recipe))
     info = {
         "status": "running",
         **({"resumed_from": str(checkpoint)} if checkpoint else {}),
@@ -143,12 +151,10 @@ def run(
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
     }
-    write()
-    started = time.time()
     stop = _StopRequest()
-    try:
-        with stop.on_signals():
-            result = _train(
+    with _status(out, info, main, stop) as result, stop.on_signals():
+        result.update(
+            _train(
                 recipe,
                 source,
                 model,
@@ -160,33 +166,71 @@ def run(
                 [*callbacks, stop.callback()],
                 samples,
                 checkpoint,
+                stop,
             )
+        )
+    return {"run_dir": str(out), **info}
+
+
+@contextmanager
+def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
+    """run.json says running, then completed, interrupted or failed (with the reason), whatever happens inside.
+
+    The body fills the yielded dict with the run's results; a run whose artifact was saved is completed even
+    when a signal came afterwards (during the sample answers)."""
+    write = (lambda: files.write_json(out / rundir.RUN_JSON, info)) if main else (lambda: None)
+    write()
+    started, result = time.time(), {}
+    try:
+        yield result
     except BaseException as exc:
-        info.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", reason=str(exc))
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        info.update(status="interrupted" if interrupted else "failed", reason=str(exc) or type(exc).__name__)
         info["seconds"] = round(time.time() - started, 1)
         write()
         if isinstance(exc, (FtuneError, KeyboardInterrupt)):
             raise
         raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
-    if stop.requested:
+    info["seconds"] = round(time.time() - started, 1)
+    if stop.requested and not result.get("artifact"):
         info.update(status="interrupted", reason=f"{stop.requested} at step {result['steps']}", **result)
-        info["seconds"] = round(time.time() - started, 1)
         write()
         raise FtuneError(
             f"interrupted ({stop.requested}) at step {result['steps']}; checkpoint saved. "
             f"Continue with: ftune train {out} --resume",
             INTERRUPTED,
         )
-    info.update(status="completed", seconds=round(time.time() - started, 1), **result)
+    info.update(status="completed", **result)
     write()
     if main:
-        for folder in ("checkpoints", ".staging"):  # the run is whole: its artifact replaces them
+        for folder in (rundir.CHECKPOINTS, rundir.STAGING):  # the run is whole: its artifact replaces them
             shutil.rmtree(out / folder, ignore_errors=True)
-    return {"run_dir": str(out), **info}
+
+
+def _finish_completed(out: Path, previous: dict, main: bool) -> dict:
+    """Resume of a run whose artifact is saved: say completed in run.json (if it did not) and drop checkpoints."""
+    if main and previous.get("status") != "completed":
+        previous = {**previous, "status": "completed", "artifact": str(rundir.artifact(out))}
+        previous.pop("reason", None)
+        files.write_json(out / rundir.RUN_JSON, previous)
+        for folder in (rundir.CHECKPOINTS, rundir.STAGING, ".adapter.tmp", ".model.tmp"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+    return previous
 
 
 def _train(
-    recipe, source, model, tokenizer, train_examples, eval_examples, eval_convs, out, callbacks, samples, checkpoint
+    recipe,
+    source,
+    model,
+    tokenizer,
+    train_examples,
+    eval_examples,
+    eval_convs,
+    out,
+    callbacks,
+    samples,
+    checkpoint,
+    stop,
 ):
     t = recipe.training
     # The base model's own answers and eval loss, before any adapter or update touches it.
@@ -196,7 +240,7 @@ def _train(
 
     trainer = build_trainer(recipe, source, model, tokenizer, train_examples, out, callbacks)
     main, method = launch.is_main(), recipe.method
-    metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8") if main else None
+    metrics_file = (out / rundir.METRICS).open("a", encoding="utf-8") if main else None
     metrics = _metrics_callback(metrics_file, trainer, eval_examples, t, tokenizer.pad_token_id, before)
     trainer.add_callback(metrics)
     trainer.add_callback(_checkpoints_callback(out, t.save_total_limit, t.save_every_epoch))
@@ -209,8 +253,8 @@ def _train(
     model = trainer.model
     after = metrics.last_eval
     stopped = any(getattr(cb, "stop_requested", False) for cb in trainer.callback_handler.callbacks)
-    tuned_replies = [] if stopped else [reply(model, tokenizer, p) for p in prompts]
     artifact = None if stopped else _save(trainer, recipe, out)
+    tuned_replies = _answers(model, tokenizer, prompts, stop) if artifact else []
 
     trainable, total = methods.count_parameters(model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -234,6 +278,19 @@ def _train(
     }
 
 
+def _answers(model, tokenizer, prompts: list, stop: _StopRequest) -> list[str]:
+    """The tuned model's sample answers; a signal now only cuts them short (the artifact is saved)."""
+    answers = []
+    try:
+        for prompt in prompts:
+            if stop.requested:
+                break
+            answers.append(reply(model, tokenizer, prompt))
+    except KeyboardInterrupt:
+        pass
+    return answers
+
+
 def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, callbacks):
     """The SFTTrainer for the recipe: our tokenized examples, TRL's collator (padded, or padding-free when
     `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
@@ -248,7 +305,7 @@ def build_trainer(recipe, source, model, tokenizer, train_examples, out: Path, c
     if packing:
         attention.use_for_packing(model)
     args = SFTConfig(
-        output_dir=str(out / ".staging"),  # checkpoints are written here, then renamed into checkpoints/
+        output_dir=str(out / rundir.STAGING),  # checkpoints are written here, then renamed into checkpoints/
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
@@ -313,11 +370,11 @@ def _save(trainer, recipe, out: Path) -> Path:
     Every rank calls this: under FSDP or ZeRO-3 the whole state dict is gathered from all of them, and the
     main process writes it (never one shard of it)."""
     full = recipe.method.name == "full"
-    final = out / ("model" if full else "adapter")
+    final = out / (rundir.MODEL if full else rundir.ADAPTER)
     tmp = out / f".{final.name}.tmp"
     main = launch.is_main()
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     attention.restore(model)
     if trainer.is_fsdp_enabled:
@@ -326,8 +383,14 @@ def _save(trainer, recipe, out: Path) -> Path:
     if main:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not ours to ship
         if not full:
-            method = recipe.method.model_dump()
-            files.write_json(tmp / "ftune.json", {"base": recipe.model.base, "method": method})
+            record = {
+                "base": recipe.model.base,
+                "method": recipe.method.model_dump(),
+                "model": recipe.model.model_dump(),
+            }
+            files.write_json(tmp / rundir.ADAPTER_RECORD, record)
+        if final.exists():  # a save that was interrupted after its rename (never the user's: this is our run)
+            shutil.rmtree(final)
         tmp.rename(final)
     launch.barrier()
     return final
@@ -400,16 +463,6 @@ def _metrics_callback(fh, trainer, eval_examples, t, pad_token_id, before):
     return Metrics()
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint: renamed into checkpoints/ only once fully written."""
-    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(found, key=_checkpoint_step) if found else None
-
-
-def _checkpoint_step(path: Path | None) -> int:
-    return int(re.search(r"(\d+)$", path.name).group(1)) if path else 0
-
-
 def _checkpoints_callback(out: Path, limit: int, every_epoch: bool):
     from transformers import TrainerCallback
 
@@ -422,15 +475,15 @@ def _checkpoints_callback(out: Path, limit: int, every_epoch: bool):
 
         def on_save(self, args, state, control, **kw):
             launch.barrier()  # every rank has written its part (its RNG state) of the checkpoint
-            staged = out / ".staging" / f"checkpoint-{state.global_step}"
+            staged = out / rundir.STAGING / f"checkpoint-{state.global_step}"
             if not state.is_world_process_zero or not staged.is_dir():
                 return
-            final = out / "checkpoints" / staged.name
+            final = out / rundir.CHECKPOINTS / staged.name
             final.parent.mkdir(exist_ok=True)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)
-            kept = sorted((p for p in final.parent.glob("checkpoint-*")), key=_checkpoint_step)
+            kept = sorted((p for p in final.parent.glob("checkpoint-*")), key=rundir.checkpoint_step)
             for old in kept[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -486,13 +539,23 @@ class _StopRequest:
 
 
 def _previous_run(recipe, out: Path, force: bool) -> dict:
-    """The run to resume; refuse a changed recipe (naming the keys) unless `force`."""
-    if not (out / "run.json").is_file() or not (out / "recipe.yaml").is_file():
-        raise FtuneError(f"--resume: {out} holds no run to resume (no run.json); start it without --resume")
-    previous = json.loads((out / "run.json").read_text())
+    """The run to resume (its run.json, or {} when only checkpoints are left); refuse a changed recipe (naming
+    the keys) unless `force`."""
     import yaml
 
-    saved = _flatten(yaml.safe_load((out / "recipe.yaml").read_text()))
+    if not out.is_dir() or not (rundir.is_run(out) or rundir.newest_checkpoint(out) or rundir.artifact(out)):
+        raise FtuneError(f"--resume: {out} holds no run to resume; start it without --resume")
+    previous = rundir.read_run_json(out, strict=False) or {"status": "unfinished"}
+    if not (out / rundir.RECIPE).is_file():
+        return previous  # only checkpoints: resume them with the recipe given
+    try:
+        saved = _flatten(yaml.safe_load((out / rundir.RECIPE).read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        if force:
+            return previous
+        raise FtuneError(
+            f"--resume: {out / rundir.RECIPE} is unreadable; pass --force to resume with this recipe"
+        ) from None
     now = _flatten(recipe.model_dump(mode="json"))
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE)
     if changed and not force:
@@ -520,15 +583,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
-    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _last_assistant(messages: list[dict]) -> int:

@@ -126,7 +126,7 @@ def test_run_compare_base(tiny_run, tiny_model_dir):
     assert tuned["tokens"] == base["tokens"] == summary["eval_after"]["tokens"]
     assert tuned["perplexity"] == pytest.approx(summary["eval_after"]["perplexity"], rel=1e-4)
     assert out["change"]["perplexity"] == pytest.approx(tuned["perplexity"] - base["perplexity"])
-    assert json.loads((run / "eval.json").read_text()) == out
+    assert json.loads((run / "eval.json").read_text()) == {"evaluations": [out]}  # one result per data set
     # --base scores the base alone; the same number as the base model folder scored directly
     only_base = eval_json(run, "--base")["results"]
     assert list(only_base) == ["base"] and only_base["base"]["nll"] == pytest.approx(base["nll"], rel=1e-6)
@@ -177,7 +177,7 @@ def test_errors(tmp_path, tiny_model_dir, setup, args, message):
 def test_unknown_target(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_jsonl(tmp_path / "d.jsonl", texts(1))
-    for target, message in ((tmp_path, "neither a finished run directory"), ("nobody/nothing-here", "cannot load")):
+    for target, message in ((tmp_path, "neither a run directory"), ("nobody/nothing-here", "cannot load")):
         result = runner.invoke(app, ["eval", str(target), "--data", str(tmp_path / "d.jsonl")])
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1

@@ -167,7 +167,7 @@ def test_lora_adapter_folder_merges(tiny_adapters, tiny_model_dir):
         (["{d}", "-o", "{d}/out"], "no adapter here"),
         (["{d}/lora", "-o", "{d}/out", "--base", "nobody/no-such-model"], "cannot load 'nobody/no-such-model'"),
         (["{d}/lora", "-o", "{d}/out", "--base", "smollm2-135m-instruct"], "adapter does not fit base"),
-        (["{d}/lora", "-o", "{d}/lora"], "exists; pass --overwrite"),
+        (["{d}/lora", "-o", "{d}/lora"], "holds files ftune did not write"),
         (["{d}/lora", "-o", "{d}/out", "--dtype", "int4"], "--dtype"),
     ],
 )

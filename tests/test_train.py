@@ -33,7 +33,8 @@ def trained(tmp_path_factory, tiny_model_dir):
 
 def test_run_directory(trained):
     recipe, run, summary = trained
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
+    # .ftune marks the folder as ftune's, so --overwrite may replace it (and nothing else)
+    assert sorted(p.name for p in run.iterdir()) == [".ftune", "adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 4
     assert info["versions"]["trl"] and info["data"]["train"]["examples"] == 16
@@ -103,20 +104,25 @@ def test_refuses_to_overwrite_a_run(trained):
     recipe, run, _ = trained
     before = (run / "run.json").read_text()
     result = runner.invoke(app, ["train", str(recipe)])
-    assert result.exit_code == 2 and "already holds a run; pass --resume to continue it, --overwrite" in result.stderr
+    assert result.exit_code == 2
+    assert "already holds a run (completed); pass --resume to continue it, --overwrite" in result.stderr
     assert (run / "run.json").read_text() == before
 
 
 def test_overwrite_replaces_the_run(tiny_recipe):
     run = tiny_recipe.parent / "run"
-    run.mkdir()
-    (run / "stale.txt").write_text("old")
-    result = runner.invoke(
-        app, ["train", str(tiny_recipe), "--overwrite", "--samples", "0", "--set", "training.max_steps=1"]
-    )
+    args = ["train", str(tiny_recipe), "--overwrite", "--samples", "0", "--set", "training.max_steps=1"]
+    assert runner.invoke(app, args).exit_code == 0
+    (run / ".staging").mkdir()
+    (run / ".staging" / "old").write_text("what an earlier run left")
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert not (run / "stale.txt").exists() and (run / "adapter" / "adapter_config.json").is_file()
+    assert not (run / ".staging").exists() and (run / "adapter" / "adapter_config.json").is_file()
     assert "ftune train" in result.stderr and "trainable" in result.stderr  # the summary table
+    # a file ftune did not write is never replaced: --overwrite is refused, naming it
+    (run / "stale.txt").write_text("mine")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "stale.txt" in refused.stderr and (run / "stale.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

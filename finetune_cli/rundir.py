@@ -1,0 +1,379 @@
+"""Run directories and output folders: their file names, what ftune wrote, the lock, and what a TARGET is.
+
+Every command that writes a folder (train, merge-adapter) asks `check_output` first and replaces only what
+ftune wrote; every command that reads a model (eval, generate, chat, merge-adapter) opens it with `open_target`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune_cli.errors import FtuneError
+
+RECIPE = "recipe.yaml"
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+ADAPTER = "adapter"
+MODEL = "model"
+CHECKPOINTS = "checkpoints"
+STAGING = ".staging"
+MARKER = ".ftune"  # {"kind": "run" | "merge", "files": [...]}: this folder was written by ftune
+ADAPTER_RECORD = "ftune.json"  # in an adapter folder: base model, method and model options
+
+# What a run directory may hold; anything else is the user's and is never deleted.
+RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, ADAPTER, MODEL, CHECKPOINTS, STAGING, MARKER}
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-\w+)?")  # files.py's and our renames' temporary names
+
+
+def project_root() -> Path | None:
+    """The checkout ftune runs from (when installed from one): never an output folder."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` can never be an output folder, or None."""
+    real = path.expanduser().resolve()
+    if real == Path(real.anchor):
+        return "the root folder"
+    if real == Path.home().resolve():
+        return "your home folder"
+    cwd = Path.cwd().resolve()
+    if real == cwd:
+        return "the current folder"
+    if real in cwd.parents:
+        return "a parent of the current folder"
+    if real == project_root():
+        return "ftune's own checkout"
+    return None
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _legacy_run(folder: Path) -> bool:
+    """A run written before runs were marked: ftune's run.json next to its recipe.yaml."""
+    info = read_run_json(folder, strict=False) or {}
+    return (folder / RECIPE).is_file() and "status" in info and "ftune" in info.get("versions", {})
+
+
+def is_run(folder: Path) -> bool:
+    marker = read_marker(folder)
+    return (marker or {}).get("kind") == "run" or _legacy_run(folder)
+
+
+def _ours(name: str, known: set[str]) -> bool:
+    if name in known:
+        return True
+    temporary = _TEMPORARY.fullmatch(name)
+    return bool(temporary and temporary["name"] in known)
+
+
+def _foreign(folder: Path, kind: str) -> list[str]:
+    """The entries of `folder` ftune did not write, for a folder of `kind` ("run" or an output such as "merge")."""
+    if kind == "run":
+        known = RUN_ENTRIES
+    else:
+        known = set((read_marker(folder) or {}).get("files", [])) | {MARKER}
+    return sorted(p.name for p in folder.iterdir() if not _ours(p.name, known))
+
+
+def _contents(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool = False) -> None:
+    """Refuse, before anything is written, an output folder that is not free for a new `kind` folder.
+
+    Free: missing or empty. With `overwrite`: also a folder of that kind that holds only what ftune wrote.
+    Never: a file, a symbolic link, `/`, home, the current folder or its parents, ftune's checkout."""
+    why = _protected(path)
+    if why:
+        raise FtuneError(f"{key}: {path} is {why}; give the {kind} a folder of its own, e.g. runs/NAME")
+    if path.is_symlink() and (overwrite or resume):
+        raise FtuneError(f"{key}: {path} is a symbolic link; give the folder it points to ({path.resolve()})")
+    if path.exists() and not path.is_dir():
+        raise FtuneError(f"{key}: {path} is a file, not a folder; choose another {key}")
+    if resume or not path.exists() or not _contents(path):
+        return
+    foreign = _foreign(path, kind)
+    ours = (is_run(path) or (path / CHECKPOINTS).is_dir()) if kind == "run" else read_marker(path) is not None
+    if foreign or not ours:
+        shown = foreign or _contents(path)
+        raise FtuneError(
+            f"{key}: {path} holds files ftune did not write ({_listing(shown)}); "
+            f"ftune never replaces them: choose another {key}"
+        )
+    if overwrite:
+        return
+    if kind != "run":
+        raise FtuneError(f"{key}: {path} exists; pass --overwrite to replace it or choose another folder")
+    status = (read_run_json(path, strict=False) or {}).get("status", "unfinished")
+    raise FtuneError(
+        f"{key}: {path} already holds a run ({status}); pass --resume to continue it, --overwrite to "
+        "replace it, or choose another output.dir"
+    )
+
+
+def clear(path: Path) -> None:
+    """Empty a folder `check_output` allowed to overwrite (the folder itself stays: it holds our lock)."""
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+@contextmanager
+def lock(path: Path, key: str = "output.dir"):
+    """Hold `path` (created if missing) for this process alone: a second ftune is refused, exit 2.
+
+    The lock is the kernel's flock on the folder itself: no lock file to leave behind, and it is dropped when its
+    process dies, so a killed run never blocks the next one."""
+    import fcntl
+
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FtuneError(
+            f"{key}: {path} is in use by another ftune run; wait for it to finish or choose another {key}"
+        ) from None
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if created and not done and not _contents(path):  # nothing written: leave no trace of the attempt
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def mark(path: Path, kind: str, written: list[str] = ()) -> None:
+    from finetune_cli import files
+
+    files.write_json(path / MARKER, {"kind": kind, "files": sorted(written)})
+
+
+def replace_folder(tmp: Path, out: Path, kind: str, written: list[str]) -> None:
+    """Put a finished temporary folder in place of `out` (checked with check_output), marked as ftune's."""
+    mark(tmp, kind, written)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def read_run_json(folder: Path, strict: bool = True) -> dict | None:
+    """A run's run.json; a corrupt one is an error naming it (or None when not `strict`)."""
+    path = folder / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        if not strict:
+            return None
+        raise FtuneError(f"{path} is unreadable ({exc}); restore it, or resume the run to rewrite it") from None
+    return info
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object file ftune or PEFT wrote; a missing or corrupt one is an error naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise FtuneError(f"{path} is missing: {what}") from None
+    except (OSError, ValueError) as exc:
+        raise FtuneError(f"{path} is corrupt ({exc}): {what}") from None
+    return data
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: renamed into checkpoints/ only once fully written."""
+    found = [p for p in (out / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=checkpoint_step) if found else None
+
+
+def checkpoint_step(path: Path | None) -> int:
+    match = re.search(r"(\d+)$", path.name) if path else None
+    return int(match.group(1)) if match else 0
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (no step twice) and a torn last line (kill -9)."""
+    from finetune_cli import files
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    files.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def save_evaluation(run_dir: Path, result: dict) -> None:
+    """Keep one result per data set in the run's eval.json: scoring other data never replaces the run's own."""
+    from finetune_cli import files
+
+    kept = [e for e in evaluations(run_dir) if e.get("data") != result["data"]]
+    files.write_json(run_dir / EVAL, {"evaluations": [*kept, result]})
+
+
+def evaluations(run_dir: Path) -> list[dict]:
+    """The results in a run's eval.json, each naming its data ([] for an older or unreadable file)."""
+    try:
+        found = json.loads((run_dir / EVAL).read_text(encoding="utf-8")).get("evaluations", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [e for e in found if isinstance(e, dict) and isinstance(e.get("results"), dict)]
+
+
+def artifact(folder: Path) -> Path | None:
+    """A run's finished adapter/ or model/ folder."""
+    if (folder / ADAPTER / "adapter_config.json").is_file():
+        return folder / ADAPTER
+    if (folder / MODEL / "config.json").is_file():
+        return folder / MODEL
+    return None
+
+
+@dataclass
+class Target:
+    """What a command needs to load what the user named, as training loaded it."""
+
+    name: str
+    kind: str  # "run" | "adapter" | "model" (a model folder, a merged folder, a base name or hub id)
+    weights: str  # the folder or hub id whose weights load first (the base, for adapters)
+    tokenizer: str  # where the tokenizer (with the chat template training used) is saved
+    adapter: Path | None = None
+    base: str | None = None  # the base model as the run or adapter names it
+    run_dir: Path | None = None
+    recipe: object = None  # the run's Recipe
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    method: dict = field(default_factory=dict)
+
+
+def open_target(name: str, base: str | None = None) -> Target:
+    """A run directory, an adapter folder, a model folder, or a base model name / hub id.
+
+    `base` replaces the base model an adapter records."""
+    from finetune_cli import models
+
+    path = Path(name).expanduser()
+    if path.is_dir() and ((path / RUN_JSON).exists() or (path / RECIPE).exists() or read_marker(path)):
+        return _open_run(name, path, base)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        return _open_adapter(name, path, base)
+    if path.is_dir() and (path / "config.json").is_file():
+        return Target(name, "model", str(path), str(path))
+    if path.is_dir():
+        raise FtuneError(
+            f"{name}: neither a run directory, an adapter folder (adapter_config.json) nor a model folder (config.json)"
+        )
+    source = models.resolve(name)
+    return Target(name, "model", source, source)
+
+
+def _open_run(name: str, path: Path, base: str | None) -> Target:
+    from finetune_cli import recipe as recipes
+
+    info = read_run_json(path) or {}
+    found = artifact(path) or next((path / n for n in (ADAPTER, MODEL) if (path / n).is_dir()), None)
+    if found is None:
+        status = info.get("status", "unfinished")
+        if status == "completed":
+            raise FtuneError(f"{path}: the run says completed but its adapter/ or model/ is missing; train it again")
+        raise FtuneError(
+            f"{path}: this run did not finish (status {status}): resume it with `ftune train {path} --resume`"
+        )
+    if not (path / RECIPE).is_file():
+        raise FtuneError(f"{path / RECIPE} is missing: the run's recipe says how to load its model; restore it")
+    recipe = recipes.load(path / RECIPE)
+    m = recipe.model
+    options = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    if found.name == MODEL:
+        return Target(name, "run", str(found), str(found), base=m.base, run_dir=path, recipe=recipe, **options)
+    target = _open_adapter(name, found, base or m.base)
+    target.kind, target.run_dir, target.recipe = "run", path, recipe
+    target.dtype, target.trust_remote_code = m.dtype, m.trust_remote_code
+    return target
+
+
+def _open_adapter(name: str, folder: Path, base: str | None = None) -> Target:
+    config = read_json(folder / "adapter_config.json", "an adapter folder needs PEFT's config; restore it")
+    weights = folder / "adapter_model.safetensors"
+    _check_safetensors(weights)
+    has_record = (folder / ADAPTER_RECORD).exists()
+    record = read_json(folder / ADAPTER_RECORD, "ftune's record of the adapter") if has_record else {}
+    base = base or record.get("base") or config.get("base_model_name_or_path")
+    if not base:
+        raise FtuneError(f"{folder}: the adapter does not record its base model; pass --base")
+    options = record.get("model", {})
+    return Target(
+        name,
+        "adapter",
+        _resolve_base(base),
+        str(folder),
+        adapter=folder,
+        base=base,
+        dtype=options.get("dtype", "auto"),
+        trust_remote_code=bool(options.get("trust_remote_code", False)),
+        method=record.get("method") or {"name": str(config.get("peft_type", "lora")).lower()},
+    )
+
+
+def _resolve_base(base: str) -> str:
+    from finetune_cli import models
+
+    return models.resolve(base)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A missing or truncated weights file is named before any model is loaded."""
+    if not path.is_file():
+        raise FtuneError(f"{path} is missing; restore the adapter folder or train again")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt"):  # checks the header covers the whole file
+            pass
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise FtuneError(f"{path} is corrupt or truncated ({exc}); restore it or train again") from None
