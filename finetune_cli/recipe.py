@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import difflib
+import os
 import re
+import sys
+import types
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,7 +18,8 @@ from finetune_cli.errors import FtuneError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf or NaN in any float: `.inf` epochs or a NaN learning rate would pass here and fail mid-run.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -35,13 +40,17 @@ def _check_columns(value: dict) -> dict:
     return value
 
 
+MAX_WEIGHT = 1000  # a file repeated more often than this is a typo, and 1e300 copies cannot be made
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+NEWLINE = "\n"
+
 Format = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
 Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
 
 class TrainFile(_Section):
     path: str
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
     format: Format | None = None
     columns: Columns | None = None
 
@@ -127,7 +136,7 @@ class TrainingSection(_Section):
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
     ] = "adamw_torch"
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
     logging_steps: int = Field(default=1, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
     save_steps: int | None = Field(default=100, gt=0)
@@ -175,7 +184,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FtuneError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         raw = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
@@ -184,6 +193,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise FtuneError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise FtuneError(f"{path}: YAML nested too deeply to read; a recipe needs two levels") from None
+    except ValueError:  # PyYAML reads integers with int(), which refuses more than sys.get_int_max_str_digits()
+        long = re.search(rf"[0-9_]{{{sys.get_int_max_str_digits()},}}", text)
+        where = f"{path}:{text.count(NEWLINE, 0, long.start()) + 1}" if long else str(path)
+        raise FtuneError(f"{where}: a number too long to read; shorten it") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -193,10 +208,45 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     set_keys = set()
     for item in overrides:
         set_keys.add(_apply_override(raw, item))
+    _check_text(raw, path, lines, set_keys)
     recipe = _validate(raw, path, lines, set_keys)
     if recipe.output.dir is None:
         recipe.output.dir = f"runs/{path.stem}"
     return _resolve_paths(recipe, path.parent)
+
+
+def _read_text(path: Path) -> str:
+    """The recipe as text: UTF-8, with or without the byte order mark that some editors write."""
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise FtuneError(f"{path}: cannot read the recipe: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FtuneError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the recipe as UTF-8"
+        ) from None
+
+
+def _check_text(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> None:
+    """Strings that are no Unicode text (a YAML "\\ud800" escape, undecodable bytes in --set) would crash the
+    tokenizer mid-run: refuse them here, naming the key. Walked without recursion: YAML aliases can loop."""
+    stack, seen = [((), raw)], set()
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                key = ".".join(loc)
+                where = "--set" if key in set_keys else _where(path, lines, loc)
+                raise FtuneError(f"{where}: '{key}' holds a character that is not Unicode text; retype it") from None
+        elif isinstance(value, (dict, list)) and id(value) not in seen:
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((loc + (str(k),), v) for k, v in items)
 
 
 def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
@@ -226,10 +276,10 @@ _UNION_TAG = re.compile(r"str|TrainFile|.*\[.*")
 def _check_method(method: dict) -> tuple[str, str] | None:
     """A missing name means lora; a field of another method says which method it belongs to."""
     name = method.setdefault("name", "lora")
-    if name not in METHODS:
-        return "method.name", f"'method.name' is {name!r}; expected one of {', '.join(map(repr, METHODS))}"
+    if not isinstance(name, str) or name not in METHODS:  # a list or mapping is no dict key
+        return "method.name", f"'method.name' is {_short(name)}; expected one of {', '.join(map(repr, METHODS))}"
     fields = METHODS[name].model_fields
-    for key in method:
+    for key in map(str, method):  # YAML keys may be numbers
         if key in fields:
             continue
         owners = [m for m, cls in METHODS.items() if key in cls.model_fields]
@@ -253,11 +303,21 @@ def _describe(err: dict, loc: tuple[str, ...]) -> str:
         return f"missing required key '{key}'"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"'{key}' is {err['input']!r}; expected one of {expected}"
+        return f"'{key}' is {_short(err['input'])}; expected one of {expected}"
     if kind == "value_error" or not loc:  # our own checks say what is wrong in full
         return err["msg"].removeprefix("Value error, ")
+    if kind == "int_parsing_size":
+        return f"'{key}' is {_short(err['input'])}: expected an integer; this one is too large"
+    if loc[-1] == "weight" and kind == "less_than_equal":
+        return f"'{key}' is {_short(err['input'])}: a weight repeats a file's examples; use at most {MAX_WEIGHT}"
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    return f"'{key}' is {err['input']!r}: {msg}"
+    return f"'{key}' is {_short(err['input'])}: {msg}"
+
+
+def _short(value) -> str:
+    """A value as the error shows it: a 5000-digit number or a pasted essay would hide the message."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
@@ -269,18 +329,21 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _key_lines(node, prefix=()) -> dict[tuple[str, ...], int]:
+def _key_lines(node, prefix=(), above=frozenset()) -> dict[tuple[str, ...], int]:
     """Map each key path of a composed YAML document to its 1-based line."""
     out = {}
+    if id(node) in above:  # an alias inside its own anchor (`&a [*a]`): the schema refuses it later
+        return out
+    above = above | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             loc = prefix + (str(key_node.value),)
             out[loc] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, loc))
+            out.update(_key_lines(value_node, loc, above))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (str(i),)] = item.start_mark.line + 1
-            out.update(_key_lines(item, prefix + (str(i),)))
+            out.update(_key_lines(item, prefix + (str(i),), above))
     return out
 
 
@@ -292,17 +355,26 @@ def _where(path: Path, lines: dict, loc: tuple[str, ...]) -> str:
 
 
 def _apply_override(raw: dict, item: str) -> str:
-    """Apply one `dotted.key=value` (value parsed as a YAML scalar) to the raw recipe; return the key."""
+    """Apply one `dotted.key=value` to the raw recipe; return the key.
+
+    The value is read as a YAML scalar (`1e-4`, `true`, `[q_proj, v_proj]`), except for a key the schema types
+    as a string: there YAML would drop `#...` as a comment or read `a: b` as a mapping, so the value is taken
+    as typed. An empty value is null (the default) either way."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise FtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    node = raw
     parts = key.split(".")
+    if not value.strip():
+        parsed = None
+    elif _string_key(parts):
+        parsed = value
+    else:
+        try:
+            parsed = yaml.safe_load(value)
+        except (yaml.YAMLError, ValueError, RecursionError):  # the schema then names the key and what it expects
+            parsed = value
+    node = raw
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
@@ -314,8 +386,27 @@ def _apply_override(raw: dict, item: str) -> str:
     return key
 
 
+def _string_key(parts: list[str]) -> bool:
+    """Whether the schema types this key as a string (or null); a method field counts if any method has it so."""
+    sections: list[type[BaseModel]] = [Recipe]
+    for i, part in enumerate(parts):
+        types_ = [cls.model_fields[part].annotation for cls in sections if part in cls.model_fields]
+        if not types_:
+            return False
+        if i == len(parts) - 1:
+            return any(t is str or (_is_union(t) and set(get_args(t)) == {str, type(None)}) for t in types_)
+        options = [a for t in types_ for a in ((t,) if not _is_union(t) else get_args(t))]
+        sections = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+    return False
+
+
+def _is_union(annotation) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType)
+
+
 def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
-    """Data and template paths are relative to the recipe's folder; written back absolute."""
+    """Data and template paths are relative to the recipe's folder; written back absolute. `~` is expanded in
+    every path, output.dir included (which stays relative to the working directory); environment variables not."""
 
     def resolve(p: str | None) -> str | None:
         return None if p is None else str((folder / Path(p).expanduser()).resolve())
@@ -330,6 +421,7 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
         recipe.data.train = resolve(recipe.data.train)
     recipe.data.eval = resolve(recipe.data.eval)
     recipe.distributed.config = resolve(recipe.distributed.config)
+    recipe.output.dir = os.path.expanduser(recipe.output.dir)  # not resolved: relative to the working directory
     from finetune_cli.data.templates import NAMES
 
     if recipe.model.chat_template and recipe.model.chat_template not in NAMES:
@@ -359,18 +451,30 @@ def shipped() -> list[dict]:
 
 
 def copy_shipped(name: str, dest: str | Path, overwrite: bool = False) -> Path:
-    """Copy a shipped recipe, comments kept, with its relative data paths made absolute so it runs anywhere."""
-    import re
+    """Copy a shipped recipe, comments kept, with its relative data paths made absolute so it runs anywhere.
 
+    `dest` is a folder when it is one or ends in `/` (created if needed), else the file to write. Only a recipe
+    file (.yaml, .yml) is ever replaced, and only with `overwrite`."""
     source = SHIPPED / f"{name.removesuffix('.yaml')}.yaml"
     if not source.is_file():
         names = ", ".join(r["name"] for r in shipped())
         raise FtuneError(f"no shipped recipe '{name}'; choose one of: {names}")
+    as_folder = str(dest).endswith(("/", os.sep))  # Path() drops the trailing slash: look before converting
     dest = Path(dest)
-    if dest.is_dir():
+    if as_folder or dest.is_dir():
+        if dest.exists() and not dest.is_dir():
+            raise FtuneError(f"{dest} is a file, not a folder; give a folder or a new file name")
         dest = dest / source.name
-    if dest.exists() and not overwrite:
-        raise FtuneError(f"{dest} exists; pass --overwrite or choose another destination")
+    for parent in dest.parents:
+        if parent.exists() and not parent.is_dir():
+            raise FtuneError(f"{parent} is a file, not a folder; choose another destination")
+    if dest.is_dir():
+        raise FtuneError(f"{dest} is a folder; choose another destination")
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise FtuneError(f"{dest} exists; pass --overwrite or choose another destination")
+        if dest.suffix not in (".yaml", ".yml") or not dest.is_file():
+            raise FtuneError(f"{dest} is not a recipe file (.yaml); ftune replaces only those, even with --overwrite")
 
     def absolute(match: re.Match) -> str:
         value = match.group(2)
@@ -380,8 +484,15 @@ def copy_shipped(name: str, dest: str | Path, overwrite: bool = False) -> Path:
     text = re.sub(
         r"^(\s+(?:train|eval|chat_template):\s*)(\S+)", absolute, source.read_text(encoding="utf-8"), flags=re.M
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(dest)
+    tmp, created = dest.with_name(f".{dest.name}.{os.getpid()}.tmp"), False
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": never write over a file that happens to have this name
+            created = True
+            f.write(text)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if created:
+            tmp.unlink(missing_ok=True)
+        raise FtuneError(f"{dest}: cannot write the recipe: {exc.strerror or exc}") from None
     return dest

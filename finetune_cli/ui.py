@@ -168,7 +168,7 @@ def validate_report(report: dict) -> None:
     if report["ok"]:
         console.print("[green]ok[/green]: no bad lines")
     else:
-        console.print(f"[red]{report['error_count']} bad line(s)[/red]")
+        console.print(f"[red]{report['error_count']} error(s)[/red]")
 
 
 def preview(examples: list[dict]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 from finetune_cli import methods, models
 from finetune_cli.data import jsonl
@@ -41,7 +42,8 @@ def validate(recipe) -> dict:
 
     train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
     lines = _unique(train + evals)  # every line read once: weights repeat lines, eval_split moves them
-    tokenizer = _tokenizer(recipe, lines)
+    source = models.resolve(recipe.model.base)
+    tokenizer = _tokenizer(recipe, lines, source)
     counted = {}
     for r in lines:
         try:
@@ -50,12 +52,22 @@ def validate(recipe) -> dict:
             errors.append(LineError("template", r["source"], f"chat template cannot render this conversation: {exc}"))
     train = [r for r in train if r["source"] in counted]
     stats = _stats([counted[r["source"]] for r in train], d.max_length)
+    if train and not stats["learned_tokens_per_epoch"]:  # what `ftune train` refuses, with the same words
+        errors.append(
+            LineError(
+                "nothing to learn",
+                d.files()[0].path,
+                f"no example has a learned token left after truncation to {d.max_length}; raise data.max_length",
+            )
+        )
     t = recipe.training
     per_step = t.batch_size * t.gradient_accumulation * recipe.distributed.num_processes
     stats["steps_per_epoch"] = math.ceil(len(train) / per_step) if train else 0
     if evals:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
-    warnings = _warnings(lines)
+    warnings = _warnings(lines) + _length_warnings(
+        [r for r in _unique(train) if "messages" in r], counted, d.max_length, source
+    )
     try:
         methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
@@ -79,10 +91,10 @@ def _unique(records: list[dict]) -> list[dict]:
     return list({r["source"]: r for r in records}.values())
 
 
-def _tokenizer(recipe, records: list[dict]):
+def _tokenizer(recipe, records: list[dict], source: str | None = None):
     """The recipe's tokenizer and template, without weights; a template is needed only for chat data."""
     return models.load_tokenizer(
-        models.resolve(recipe.model.base),
+        source or models.resolve(recipe.model.base),
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
         require_template=any("messages" in r for r in records),
@@ -141,6 +153,51 @@ def _warnings(records: list[dict]) -> list[str]:
     if ends.get("user"):
         out.append(f"{ends['user']} conversations end with a user turn that nothing answers (it is not learned)")
     return out
+
+
+def _length_warnings(chats: list[dict], counted: dict, max_length: int, source: str) -> list[str]:
+    """Conversations that truncation leaves with nothing to learn (training drops them), and a max_length past
+    the model's context."""
+    out = []
+    empty = [r["source"] for r in chats if counted[r["source"]]["learned"] == counted[r["source"]]["lost"]]
+    if empty and len(empty) < len(chats):  # all of them is an error, reported above
+        out.append(
+            f"{len(empty)} conversations have no learned token left after truncation to {max_length} "
+            f"(training drops them; first: {empty[0]})"
+        )
+    context = _context_length(source)
+    if context and max_length > context:
+        out.append(
+            f"data.max_length {max_length} is longer than the model's context ({context} tokens, "
+            f"max_position_embeddings in its config.json); positions past it were never trained"
+        )
+    return out
+
+
+def _context_length(source: str) -> int | None:
+    """max_position_embeddings from a model's config.json (a local folder, or a hub id already in the HF cache);
+    None when there is none to read. No weights, no network."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid hub id: nothing to read
+            return None
+        if not isinstance(found, str):
+            return None
+        config = Path(found)
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    text = data.get("text_config") if isinstance(data, dict) else None  # multimodal configs nest it
+    for part in (data, text):
+        value = part.get("max_position_embeddings") if isinstance(part, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:

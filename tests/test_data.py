@@ -1,6 +1,7 @@
 """Data formats, detection, columns, system prompts, weighted mixing and splits; each bad line named."""
 
 import json
+import re
 
 import pytest
 
@@ -243,3 +244,72 @@ def test_recipe_rejects_unknown_columns_and_formats(tmp_path):
         FtuneError, match=r"r.yaml:3: unknown key 'data.train.0.wieght'; did you mean 'data.train.0.weight'"
     ):
         data_section(tmp_path, "  train:\n    - {path: t.jsonl, wieght: 2}\n")
+
+
+CHAT = '{"conversations": [{"from": %s, "value": %s}, {"from": "gpt", "value": "a"}]}'
+
+
+@pytest.mark.parametrize(
+    "bad, kind, message",
+    [
+        ("[" * 100_000, "not JSON", "arrays or objects nested too deeply to read"),
+        ('{"a": ' * 100_000, "not JSON", "arrays or objects nested too deeply to read"),
+        ('{"text": %s}' % ("7" * 5000), "not JSON", "a number of more than 4300 digits, too long to read"),
+        (CHAT % ('["human"]', '"hi"'), "unknown role", "turn 0 is from ['human']; use one of"),
+        (CHAT % ('{"human": 1}', '"hi"'), "unknown role", "turn 0 is from {'human': 1}; use one of"),
+        (CHAT % ("7", '"hi"'), "unknown role", "turn 0 is from 7; use one of"),
+        (CHAT % ('"human"', '{"a": 1}'), "missing field", "message 0 (user) needs a string 'content'"),
+        (CHAT % ('"human"', "[1]"), "wrong type", "message 0 (user) has content parts that are not text"),
+        ('{"messages": [{"role": ["user"], "content": "hi"}]}', "unknown role", "unknown role ['user']"),
+        ('{"messages": [{"role": {"a": 1}, "content": "hi"}]}', "unknown role", "unknown role {'a': 1}"),
+        ('{"messages": [{"role": "user", "content": 5}]}', "missing field", "needs a string 'content'"),
+        ('{"messages": [{"role": "user", "content": "a", "train": [1]}]}', "wrong type", '"train" must be true'),
+        ('{"messages": {"role": "user"}}', "missing field", 'expected an object with a "messages" list'),
+        ('{"prompt": {"a": 1}, "completion": "b"}', "wrong type", '"prompt" must be a string or a list'),
+        ('{"prompt": [1], "completion": "b"}', "missing field", "message 0 is not an object"),
+        ('{"instruction": ["a"], "output": "b"}', "wrong type", '"instruction" must be a string'),
+        ('{"instruction": "a", "output": "b", "input": 5}', "wrong type", '"input" must be a string'),
+        ('{"instruction": "a", "output": "b", "system": []}', "wrong type", '"system" must be a string'),
+        ('{"text": {"a": 1}}', "wrong type", '"text" must be a string'),
+        ('{"text": "half \\ud800 a character"}', "not UTF-8", "without its pair is half a character"),
+        (CHAT % ('"human"', '"\\udfff"'), "not UTF-8", "without its pair"),
+    ],
+    ids=lambda value: value[:30],  # some values are 100,000 characters long
+)
+def test_a_hostile_line_is_one_bad_line(tmp_path, bad, kind, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(bad + "\n", encoding="utf-8")
+    records, errors, _ = jsonl.parse(path)
+    assert records == [] and [(e.kind, e.where) for e in errors] == [(kind, f"{path}:1")], errors
+    assert message in errors[0].detail and len(errors[0].detail) < 200
+    with pytest.raises(FtuneError, match=f"d.jsonl:1: .*{re.escape(message)}"):
+        jsonl.read(path)
+
+
+def test_encoding_bom_and_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    ok = OK.strip().encode()
+    # a byte order mark (spreadsheet exports), Latin-1 bytes, CRLF and lone CR line ends
+    path.write_bytes(b"\xef\xbb\xbf" + ok + b"\r\n" + ok.replace(b"hello", b"caf\xe9") + b"\r\n\r\n" + ok + b"\r" + ok)
+    records, errors, found = jsonl.parse(path)
+    column = ok.index(b"hello") + 4  # 1-based, the byte after "caf"
+    assert found == "messages" and [r["source"] for r in records] == [f"{path}:1", f"{path}:4", f"{path}:5"]
+    assert [(e.kind, e.where, e.detail) for e in errors] == [
+        ("not UTF-8", f"{path}:2", f"not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8")
+    ]
+    assert "\ufffd" not in json.dumps([r["messages"] for r in records])
+    with pytest.raises(FtuneError, match=r"d.jsonl:2: not UTF-8 text"):
+        jsonl.read(path)
+    bom_only = write(tmp_path / "e.jsonl", [SAMPLES["alpaca"]])
+    bom_only.write_bytes(b"\xef\xbb\xbf" + bom_only.read_bytes())
+    assert jsonl.parse(bom_only)[1:] == ([], "alpaca")
+
+
+def test_weights_are_bounded(tmp_path):
+    numbered(tmp_path, "a", 3)
+    with pytest.raises(FtuneError, match=r"r.yaml:2: 'data.train.0.weight' is 1e\+300: a weight .* at most 1000"):
+        data_section(tmp_path, "  train: [{path: a.jsonl, weight: 1.0e+300}]\n")
+    with pytest.raises(FtuneError, match=r"'data.train.0.weight' is nan: expected a finite number"):
+        data_section(tmp_path, "  train: [{path: a.jsonl, weight: .nan}]\n")
+    train = jsonl.load(data_section(tmp_path, "  train: [{path: a.jsonl, weight: 1000}]\n"), seed=1)[0]
+    assert len(train) == 3000

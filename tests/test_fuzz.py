@@ -41,6 +41,45 @@ VALUES = [
     "../../etc",
     "\x00",
     "é" * 50,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    -(2**40),
+    2**40,
+    10**30,
+    "#1 priority: JSON",
+]
+# Lines that once stopped every command with a raw exception, or were trained on as U+FFFD: each must be listed
+# as one bad line by validate and refused by train with one `error:` line.
+HOSTILE = [
+    b"[" * 100_000,
+    b'{"messages": ' + b'{"a": ' * 50_000,
+    b'{"text": ' + b"9" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "' + b"1" * 5000 + b'"}, {"role": "assistant", "content": 1e999}]}',
+    b'{"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "a"}]}',
+    b'{"conversations": [{"from": {"human": 1}, "value": "hi"}, {"from": "gpt", "value": "a"}]}',
+    b'{"conversations": [{"from": "human", "value": {"a": [1]}}, {"from": "gpt", "value": "a"}]}',
+    b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "a"}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}, '
+    b'{"role": "assistant", "content": "a"}]}',
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "train": {"x": 1}}]}',
+    b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "a"}]}',
+    b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}',
+    b"\xff\xfe{\x00}\x00",
+    b"\xef\xbb\xbf" + json.dumps(conversation(1)).encode(),  # a byte order mark past the first line is not JSON
+]
+HOSTILE_SETS = [
+    "training.seed=-1",
+    "training.seed=4294967296",
+    "training.epochs=.inf",
+    "training.learning_rate=.nan",
+    "training.weight_decay=inf",
+    "training.max_grad_norm=-.inf",
+    "training.warmup_ratio=nan",
+    "method.alpha=.inf",
+    "training.seed=" + "9" * 5000,
+    "data.max_length=" + "[" * 5000,
+    "data.system_prompt=caf\udce9",
 ]
 
 
@@ -85,6 +124,11 @@ def mutate_recipe(rng, recipe):
                     "dtype",
                     "chat_template",
                     "use_dora",
+                    "seed",
+                    "weight_decay",
+                    "max_grad_norm",
+                    "warmup_ratio",
+                    "system_prompt",
                 ]
             )
             recipe[section][field] = rng.choice(VALUES)
@@ -92,9 +136,13 @@ def mutate_recipe(rng, recipe):
 
 
 def jsonl_lines(rng, n):
+    """n random lines as bytes: good, wrong, cut, hostile, random characters; sometimes a byte order mark first."""
     lines = []
     for i in range(n):
         r = rng.random()
+        if r < 0.1:
+            lines.append(rng.choice(HOSTILE))
+            continue
         if r < 0.6:
             lines.append(json.dumps(conversation(i, turns=rng.randint(1, 2))))
         elif r < 0.7:
@@ -109,7 +157,8 @@ def jsonl_lines(rng, n):
             lines.append(json.dumps(conversation(i))[: rng.randint(0, 40)])
         else:
             lines.append("".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 30))).replace("\n", " "))
-    return "\n".join(lines) + "\n"
+    lines = [x if isinstance(x, bytes) else x.encode("utf-8") for x in lines]
+    return b"\xef\xbb\xbf" * (rng.random() < 0.1) + b"\n".join(lines) + b"\n"
 
 
 @pytest.mark.slow
@@ -124,10 +173,14 @@ def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
         folder.mkdir()
         monkeypatch.chdir(folder)  # output.dir "out" is relative to the working directory
         clean = rng.random() < 0.5
-        (folder / "train.jsonl").write_text(
-            "\n".join(json.dumps(conversation(i)) for i in range(4)) if clean else jsonl_lines(rng, rng.randint(0, 6))
+        (folder / "train.jsonl").write_bytes(
+            "\n".join(json.dumps(conversation(i)) for i in range(4)).encode()
+            if clean
+            else jsonl_lines(rng, rng.randint(0, 6))
         )
-        (folder / "eval.jsonl").write_text(jsonl_lines(rng, 2) if rng.random() < 0.3 else json.dumps(conversation(9)))
+        (folder / "eval.jsonl").write_bytes(
+            jsonl_lines(rng, 2) if rng.random() < 0.3 else json.dumps(conversation(9)).encode()
+        )
         recipe = mutate_recipe(rng, base) if rng.random() < 0.7 else base
         text = yaml.safe_dump(recipe) if rng.random() < 0.9 else yaml.safe_dump(recipe)[: rng.randint(0, 60)] + ":["
         (folder / "recipe.yaml").write_text(text)
@@ -158,3 +211,52 @@ def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
             assert "cannot train this recipe" in check.output.replace("\n", " "), where
     assert seen[0] > 5 and seen[2] > 50, seen  # both paths were exercised
     assert all(validated.values()), validated
+
+
+def one_error_line(result, where):
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, where
+    return lines[-1]
+
+
+def test_fuzz_hostile_lines_and_values(tmp_path, tiny_model_dir, monkeypatch):
+    """Valid recipes with hostile data lines (each one, plus a random second) or a hostile --set value (each one),
+    fast: every case fails before training. validate lists each hostile line (exit 1) or refuses the value
+    (exit 2); train refuses either with one `error:` line naming the line or --set (exit 2); nothing is written."""
+    monkeypatch.setattr(cache, "directory", lambda: tmp_path / "cache")
+    rng = random.Random(99)
+    for case, (line, value) in enumerate([(x, None) for x in HOSTILE] + [(None, x) for x in HOSTILE_SETS]):
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        lines = [json.dumps(conversation(i)).encode() for i in range(4)]
+        # (the last hostile line starts with a BOM: harmless as the file's first bytes, so never on line 1)
+        bad = sorted(rng.sample(range(line is HOSTILE[-1], 4), rng.randint(1, 2))) if line else []
+        for n in bad:
+            lines[n] = line if n == bad[-1] else rng.choice(HOSTILE[:-1])
+        bom = b"\xef\xbb\xbf" if rng.random() < 0.5 else b""  # accepted at the start of a file
+        (folder / "train.jsonl").write_bytes(bom + b"\n".join(lines) + b"\n")
+        (folder / "eval.jsonl").write_text(json.dumps(conversation(9)) + "\n", encoding="utf-8")
+        recipe = valid_recipe(tiny_model_dir)
+        recipe["data"]["format"] = "messages"  # a ShareGPT line first would make the rest "other format"
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        sets = [f"--set={value}"] if value else []
+        before = set(folder.rglob("*"))
+        where = f"case {case}: lines {bad}, {[s[:60] for s in sets]}"
+
+        check = runner.invoke(app, ["validate", str(folder / "recipe.yaml"), "--json", *sets])
+        if sets:
+            assert check.exit_code == 2 and one_error_line(check, where).startswith("error: --set: '"), where
+        else:
+            assert check.exit_code == 1, (where, check.output)
+            report = json.loads(check.stdout)
+            listed = {int(e["where"].rsplit(":", 1)[1]) for items in report["errors"].values() for e in items}
+            assert listed == {n + 1 for n in bad} and report["files"][0]["examples"] == 4 - len(bad), where
+        assert set(folder.rglob("*")) == before, where
+
+        result = runner.invoke(app, ["train", str(folder / "recipe.yaml"), "--samples", "0", *sets])
+        assert result.exit_code == 2, (where, result.output)
+        error = one_error_line(result, where)
+        assert error.startswith("error: --set: '" if sets else f"error: {folder / 'train.jsonl'}:{bad[0] + 1}: ")
+        assert set(folder.rglob("*")) == before, where  # not even the run folder

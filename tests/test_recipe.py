@@ -1,5 +1,7 @@
 """Recipe loading: schema errors with file, line and key; overrides; resolved paths and defaults."""
 
+import re
+
 import pytest
 
 from finetune_cli import recipe
@@ -166,3 +168,136 @@ def test_recipes_cli_list_and_copy(tmp_path):
     assert again.exit_code == 2 and "exists; pass --overwrite" in again.stderr
     missing = runner.invoke(app, ["recipes", "copy", "nope", str(tmp_path)])
     assert missing.exit_code == 2 and "choose one of: " in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.seed=-1", "'training.seed' is -1: expected greater than or equal to 0"),
+        ("training.seed=4294967296", "'training.seed' is 4294967296: expected less than or equal to 4294967295"),
+        ("training.epochs=.inf", "'training.epochs' is inf: expected a finite number"),
+        ("training.learning_rate=.nan", "'training.learning_rate' is nan: expected a finite number"),
+        ("training.weight_decay=inf", "'training.weight_decay' is 'inf': expected a finite number"),
+        ("training.max_grad_norm=.inf", "'training.max_grad_norm' is inf: expected a finite number"),
+        ("training.warmup_ratio=nan", "'training.warmup_ratio' is 'nan': expected a finite number"),
+        ("method.alpha=-.inf", "'method.alpha' is -inf: expected a finite number"),
+        ("training.batch_size=" + "9" * 5000, "'training.batch_size' is '99999"),
+    ],
+    ids=lambda value: value[:30],  # some values are 100,000 characters long
+)
+def test_numbers_must_be_finite_and_in_range(tmp_path, override, message):
+    with pytest.raises(FtuneError) as err:
+        recipe.load(write(tmp_path, GOOD), [override])
+    assert str(err.value).startswith(f"--set: {message}") and len(str(err.value)) < 200
+
+
+def test_ranges_in_the_file_name_line_and_key(tmp_path):
+    with pytest.raises(FtuneError, match=r"r.yaml:7: 'training.seed' is -1: expected greater than or equal to 0"):
+        recipe.load(write(tmp_path, GOOD + "  seed: -1\n"))
+    weighted = GOOD.replace(
+        "  train: data/train.jsonl\n", "  train:\n    - a.jsonl\n    - {path: b.jsonl, weight: 1e300}\n"
+    )
+    with pytest.raises(FtuneError, match=r"r.yaml:6: 'data.train.1.weight' is '1e300': a weight .* at most 1000"):
+        recipe.load(write(tmp_path, weighted))
+    with pytest.raises(FtuneError, match=r"r.yaml:6: 'data.train.1.weight' is inf: expected a finite number"):
+        recipe.load(write(tmp_path, weighted.replace("1e300", ".inf")))
+    assert recipe.load(write(tmp_path, weighted.replace("1e300", "1000"))).data.train[1].weight == 1000
+
+
+def test_recipe_encoding(tmp_path):
+    latin1 = (GOOD + "  seed: 1\n").replace("data:\n", "data:\n  system_prompt: Répondez en français\n")
+    path = tmp_path / "r.yaml"
+    path.write_bytes(latin1.encode("latin-1"))
+    with pytest.raises(FtuneError) as err:
+        recipe.load(path)
+    assert str(err.value) == f"{path}:4: not UTF-8 text (byte 0xe9); save the recipe as UTF-8"
+    path.write_bytes(b"\xef\xbb\xbf" + latin1.encode("utf-8"))  # a byte order mark, as Windows editors write
+    assert recipe.load(path).data.system_prompt == "Répondez en français"
+    with pytest.raises(FtuneError, match=r"r.yaml:4: 'data.system_prompt' holds a character that is not Unicode"):
+        recipe.load(write(tmp_path, latin1.replace("Répondez en français", '"\\ud800"')))
+    with pytest.raises(FtuneError, match=r"--set: 'data.system_prompt' holds a character that is not Unicode"):
+        recipe.load(write(tmp_path, GOOD), ["data.system_prompt=caf\udce9"])  # argv bytes that were not UTF-8
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GOOD + "  seed: " + "1" * 5000 + "\n", r"r.yaml:7: a number too long to read"),
+        (GOOD + "x: " + "[" * 5000 + "\n", r"r.yaml: YAML nested too deeply to read"),
+        (GOOD + "method: {name: [lora]}\n", r"r.yaml:7: 'method.name' is \['lora'\]; expected one of"),
+        (GOOD + "method: {1: 2}\n", r"r.yaml:7: unknown key 'method.1'"),
+        (GOOD.replace("  train: data/train.jsonl", "  train: &a [*a]"), r"r.yaml:4: 'data.train.0' is \[\[...\]\]"),
+    ],
+    ids=lambda value: value[:30],  # some values are 100,000 characters long
+)
+def test_hostile_yaml_is_a_usage_error(tmp_path, text, message):
+    with pytest.raises(FtuneError, match=message):
+        recipe.load(write(tmp_path, text))
+
+
+def test_set_on_a_string_key_takes_the_value_as_typed(tmp_path):
+    path = write(tmp_path, GOOD)
+    assert recipe.load(path, ["data.system_prompt=#1 priority is JSON"]).data.system_prompt == "#1 priority is JSON"
+    assert recipe.load(path, ["data.system_prompt=Rule: answer in JSON"]).data.system_prompt == "Rule: answer in JSON"
+    assert recipe.load(path, ["data.system_prompt=[not, a, list]"]).data.system_prompt == "[not, a, list]"
+    assert recipe.load(path, ["data.system_prompt=true"]).data.system_prompt == "true"
+    assert recipe.load(path, ["method.name=prompt_tuning", "method.init_text=Note: 1"]).method.init_text == "Note: 1"
+    assert recipe.load(path, ["output.dir=a #1"]).output.dir == "a #1"
+    assert recipe.load(path, ["data.system_prompt="]).data.system_prompt is None  # empty: back to the default
+    # other keys are still YAML: numbers, booleans, lists
+    r = recipe.load(path, ["training.learning_rate=1e-4", "training.packing=false", "method.target_modules=[q, v]"])
+    assert r.training.learning_rate == 1e-4 and r.training.packing is False and r.method.target_modules == ["q", "v"]
+
+
+def test_tilde_is_expanded_in_every_path(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "model").mkdir(parents=True)
+    (home / "model" / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    text = """model:
+  base: ~/model
+  chat_template: ~/t.jinja
+data:
+  train: [~/train.jsonl, {path: ~/more.jsonl}]
+  eval: ~/eval.jsonl
+distributed:
+  config: ~/accelerate.yaml
+output:
+  dir: ~/runs/x
+"""
+    r = recipe.load(write(folder, text))
+    assert r.model.base == str(home / "model") and r.model.chat_template == str(home / "t.jinja")
+    assert r.data.train[0] == str(home / "train.jsonl") and r.data.train[1].path == str(home / "more.jsonl")
+    assert r.data.eval == str(home / "eval.jsonl") and r.distributed.config == str(home / "accelerate.yaml")
+    assert r.output.dir == str(home / "runs" / "x")
+    # output.dir stays relative to the working directory; environment variables are not expanded
+    r = recipe.load(write(folder, text), ["output.dir=out/x", "data.eval=$HOME/e.jsonl"])
+    assert r.output.dir == "out/x" and r.data.eval == str(folder / "$HOME" / "e.jsonl")
+
+
+def test_copy_into_a_folder_and_never_over_other_files(tmp_path):
+    made = recipe.copy_shipped("quickstart", f"{tmp_path}/new/")  # a trailing slash: a folder, created
+    assert made == tmp_path / "new" / "quickstart.yaml" and made.is_file()
+    assert recipe.copy_shipped("smollm2-qlora", tmp_path / "new") == made.parent / "smollm2-qlora.yaml"  # existing
+    notes = tmp_path / "notes"
+    notes.write_text("mine", encoding="utf-8")
+    for dest, overwrite, message in [
+        (f"{notes}/", False, "is a file, not a folder"),
+        (f"{notes}/", True, "is a file, not a folder"),
+        (notes / "x.yaml", True, "is a file, not a folder"),
+        (notes, True, "is not a recipe file (.yaml); ftune replaces only those"),
+        (made, False, "exists; pass --overwrite"),
+    ]:
+        with pytest.raises(FtuneError, match=re.escape(message)):
+            recipe.copy_shipped("quickstart", dest, overwrite)
+    assert notes.read_text(encoding="utf-8") == "mine"
+    (tmp_path / "new" / "smollm2-full.yaml").mkdir()
+    with pytest.raises(FtuneError, match="is a folder; choose another destination"):
+        recipe.copy_shipped("smollm2-full", tmp_path / "new", overwrite=True)
+    made.write_text("old", encoding="utf-8")
+    assert recipe.copy_shipped("quickstart", made, overwrite=True) == made and made.read_text() != "old"
+    names = sorted(p.name for p in made.parent.iterdir())
+    assert names == ["quickstart.yaml", "smollm2-full.yaml", "smollm2-qlora.yaml"]  # no temporary file left

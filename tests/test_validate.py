@@ -199,3 +199,52 @@ output:
         assert info["data"]["eval"]["examples"] == 1
     template = (tmp_path / "run" / "adapter" / "chat_template.jinja").read_text()
     assert "<|im_start|>" in template and "Be brief" not in template
+
+
+def test_nothing_left_to_learn_after_truncation_fails_as_in_train(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(4)])
+    path = recipe_file(tmp_path, tiny_model_dir)
+    result, report = validate(path, "--set", "data.max_length=20")  # the system prompt alone is longer
+    assert result.exit_code == 1 and not report["ok"] and report["stats"]["learned_tokens_per_epoch"] == 0
+    [error] = report["errors"]["nothing to learn"]
+    assert error["where"] == str(tmp_path / "train.jsonl")
+    assert error["message"].startswith("no example has a learned token left after truncation to 20")
+    human = runner.invoke(app, ["validate", str(path), "--set", "data.max_length=20"])
+    assert human.exit_code == 1 and "no example has a learned token left" in " ".join(human.stderr.split())
+    # some examples left with nothing: a warning, as training drops them and goes on
+    long = conversation(2)
+    long["messages"][1]["content"] = "Please answer. " * 20
+    write_jsonl(tmp_path / "train.jsonl", [conversation(1), long])
+    result, report = validate(path, "--set", "data.max_length=30")
+    assert result.exit_code == 0 and report["ok"], result.output
+    assert (
+        f"1 conversations have no learned token left after truncation to 30 (training drops them; first: "
+        f"{tmp_path / 'train.jsonl'}:2)" in report["warnings"]
+    )
+
+
+def test_max_length_past_the_model_context_warns(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(3)])
+    path = recipe_file(tmp_path, tiny_model_dir)
+    result, report = validate(path, "--set", "data.max_length=513")  # the tiny model's context is 512
+    assert result.exit_code == 0 and report["ok"]
+    assert any("data.max_length 513 is longer than the model's context (512 tokens" in w for w in report["warnings"])
+    result, report = validate(path, "--set", "data.max_length=512")
+    assert not any("context" in w for w in report["warnings"])
+
+
+def test_unreadable_lines_are_listed_not_raised(tmp_path, tiny_model_dir):
+    good = json.dumps(conversation(1)).encode()
+    lines = [
+        b"\xef\xbb\xbf" + good,  # a byte order mark on the first line is fine
+        b"[" * 100_000,
+        b'{"text": ' + b"1" * 5000 + b"}",
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}',
+        b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "ok"}]}',
+        good.replace(b"plus", b"\\ud800"),
+    ]
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir))
+    assert result.exit_code == 1 and report["files"][0]["examples"] == 1, result.output
+    found = {int(e["where"].rsplit(":", 1)[1]): kind for kind, items in report["errors"].items() for e in items}
+    assert found == {2: "not JSON", 3: "not JSON", 4: "not UTF-8", 5: "unknown role", 6: "not UTF-8"}

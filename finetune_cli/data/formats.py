@@ -152,7 +152,7 @@ def _messages(record: dict, key: str, where: str) -> list[dict]:
         role = msg.get("role")
         if role not in ROLES:
             raise LineError(
-                "unknown role", where, f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}"
+                "unknown role", where, f"message {i} has unknown role {_short(role)}; use one of {', '.join(ROLES)}"
             )
         messages.append(_message(role, msg.get("content"), msg, i, where))
     return messages
@@ -184,10 +184,11 @@ def _sharegpt(record: dict, where: str) -> list[dict]:
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
             raise LineError("missing field", where, f"turn {i} is not an object with from and value")
-        role = SHAREGPT_ROLES.get(msg.get("from"))
+        sender = msg.get("from")
+        role = SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None  # a list or object is no dict key
         if role is None:
             names = ", ".join(SHAREGPT_ROLES)
-            raise LineError("unknown role", where, f"turn {i} is from {msg.get('from')!r}; use one of {names}")
+            raise LineError("unknown role", where, f"turn {i} is from {_short(sender)}; use one of {names}")
         messages.append(_message(role, msg.get("value"), msg, i, where))
     return messages
 
@@ -201,3 +202,9 @@ def _part(record: dict, key: str, role: str, where: str) -> list[dict]:
     if isinstance(value, list):
         return _messages(record, key, where)
     raise LineError("wrong type", where, f'"{key}" must be a string or a list of messages')
+
+
+def _short(value) -> str:
+    """A value from the data as an error shows it, cut so that one bad line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"

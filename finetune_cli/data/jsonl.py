@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from finetune_cli.data.formats import LineError, convert, detect, rename
@@ -13,6 +16,8 @@ NO_FORMAT = (
     'fits no data format: expected "messages" (OpenAI chat), "conversations" (ShareGPT), '
     '"instruction"+"output" (alpaca), "prompt"+"completion", or "text"; map other field names with data.columns'
 )
+
+SURROGATE = 'an escape between "\\ud800" and "\\udfff" without its pair is half a character; fix or remove it'
 
 
 def parse(
@@ -26,33 +31,72 @@ def parse(
     if not path.is_file():
         raise FtuneError(f"{path}: data file not found")
     records, errors, detected_at = [], [], None
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(LineError("not JSON", where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
-                continue
-            raw = rename(raw, columns or {})
-            if fmt == "auto" and detect(raw):
-                fmt, detected_at = detect(raw), lineno
-            elif fmt == "auto":
-                errors.append(LineError("missing field", where, NO_FORMAT))
-                continue
-            try:
-                record = convert(raw, "messages" if fmt == "auto" else fmt, where)
-            except LineError as exc:
-                if exc.kind == "other format" and detected_at:
-                    exc = LineError(exc.kind, where, f"{exc.detail} (detected from line {detected_at})")
-                errors.append(exc)
-                continue
-            if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
-                record["messages"].insert(0, {"role": "system", "content": system_prompt})
-            records.append({"source": where, "format": fmt, **record})
+    for lineno, where, line in _lines(path, errors):
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(LineError("not JSON", where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+            continue
+        except RecursionError:
+            errors.append(LineError("not JSON", where, "arrays or objects nested too deeply to read"))
+            continue
+        except ValueError:  # an integer of more digits than Python's int() reads
+            limit = sys.get_int_max_str_digits()
+            errors.append(LineError("not JSON", where, f"a number of more than {limit} digits, too long to read"))
+            continue
+        raw = rename(raw, columns or {})
+        if fmt == "auto" and detect(raw):
+            fmt, detected_at = detect(raw), lineno
+        elif fmt == "auto":
+            errors.append(LineError("missing field", where, NO_FORMAT))
+            continue
+        try:
+            record = convert(raw, "messages" if fmt == "auto" else fmt, where)
+        except LineError as exc:
+            if exc.kind == "other format" and detected_at:
+                exc = LineError(exc.kind, where, f"{exc.detail} (detected from line {detected_at})")
+            errors.append(exc)
+            continue
+        if "\\u" in line and not _encodable(record):  # json reads a lone "\ud800" escape; tokenizers refuse it
+            errors.append(LineError("not UTF-8", where, SURROGATE))
+            continue
+        if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
+            record["messages"].insert(0, {"role": "system", "content": system_prompt})
+        records.append({"source": where, "format": fmt, **record})
     return records, errors, None if fmt == "auto" else fmt
+
+
+def _lines(path: Path, errors: list[LineError]) -> Iterator[tuple[int, str, str]]:
+    """(number, "file:line", text) of each non-blank line. Text is UTF-8, a byte order mark at the start skipped
+    (spreadsheet exports write one); an undecodable line goes to `errors`, never trained on as U+FFFD."""
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise FtuneError(f"{path}: cannot read the data file: {exc.strerror}") from None
+    lineno = 0
+    with f:
+        for chunk in f:
+            for data in chunk.splitlines():  # \n, \r\n and \r: the lines that text mode numbered
+                lineno += 1
+                if lineno == 1:
+                    data = data.removeprefix(codecs.BOM_UTF8)
+                where = f"{path}:{lineno}"
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    byte = f"byte 0x{data[exc.start]:02x} at column {exc.start + 1}"
+                    errors.append(LineError("not UTF-8", where, f"not UTF-8 text ({byte}); save the file as UTF-8"))
+                    continue
+                if line.strip():
+                    yield lineno, where, line
+
+
+def _encodable(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read(
