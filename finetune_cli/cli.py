@@ -345,7 +345,7 @@ def recipes_list(as_json: bool = typer.Option(False, "--json", help="Print the l
 @recipes_app.command("copy")
 def recipes_copy(
     name: str = typer.Argument(..., help="Shipped recipe name (see `ftune recipes list`)."),
-    dest: Path = typer.Argument(..., help="File or folder to copy it to."),
+    dest: str = typer.Argument(..., help="File, or folder (an existing one, or a path ending in /) to copy it to."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ):
     """Copy a shipped recipe to DEST to start from (data paths made absolute)."""
