@@ -80,7 +80,8 @@ def test_two_processes_write_one_run_that_plain_peft_loads(two_processes, tiny_m
     from transformers import AutoModelForCausalLM
 
     run_dir, out = two_processes
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [".ftune", "adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == STEPS
     assert info["distributed"] == {
@@ -96,7 +97,7 @@ def test_two_processes_write_one_run_that_plain_peft_loads(two_processes, tiny_m
     # rank 0 alone prints: one summary, one effective-batch line
     assert out.stderr.count("sequences per step") == 1 and out.stderr.count("ftune train") == 1
     assert "2 per device x 1 accumulation x 2 processes = 4 sequences per step" in out.stderr
-    assert not list(run_dir.glob("checkpoints")) and not list(run_dir.glob(".*"))
+    assert not list(run_dir.glob("checkpoints")) and [p.name for p in run_dir.glob(".*")] == [".ftune"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter")
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
