@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from finetune_cli import models, train
+from finetune_cli import models
 from finetune_cli import recipe as recipes
+from finetune_cli import trainer as trainers
 from finetune_cli.data import jsonl
 from finetune_cli.data.masking import tokenize_all
 
@@ -36,7 +37,7 @@ def main() -> None:
     tokenizer = models.load_tokenizer(source)
     examples, _ = tokenize_all(tokenizer, jsonl.read(args.data), recipe.data.max_length, "assistant")
     model = models.load_model(source)
-    trainer = train.build_trainer(recipe, source, model, tokenizer, examples, folder / "run", [])
+    trainer = trainers.build(recipe, source, model, tokenizer, examples, folder / "run", [])
 
     from transformers import TrainerCallback
 

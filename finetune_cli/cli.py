@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from finetune_cli.errors import FtuneError
 
+
+class _Commands(TyperGroup):
+    """Every command runs inside the one error mapping (`_errors`), installed here once."""
+
+    def invoke(self, ctx):
+        with _errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Fine-tune Hugging Face causal language models from YAML recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -64,13 +75,23 @@ def _errors():
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise  # exit codes and usage errors (exit 2) are typer's own
     except Exception as exc:  # noqa: BLE001
         if _state["debug"]:
             raise
         sys.stderr.write(f"error: {_rank()}{type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
         raise typer.Exit(1) from None
+
+
+def _emit(result, as_json: bool, render=None) -> None:
+    """The one place a command's result leaves: JSON on stdout with --json, else `render` (to stderr)."""
+    if hasattr(result, "dump"):
+        result = result.dump()
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif render is not None:
+        render(result)
 
 
 def _rank() -> str:
@@ -102,54 +123,34 @@ def train(
     ),
 ):
     """Train a model as RECIPE says and write the run directory."""
-    with _errors():
-        from finetune_cli import launch, recipe, ui
-        from finetune_cli import train as training
+    from finetune_cli import launch, rundir, ui
+    from finetune_cli import train as training
 
-        overrides = list(set_ or []) + ([f"distributed.num_processes={num_processes}"] if num_processes else [])
-        run_dir = recipe_path if recipe_path.is_dir() else None
-        if run_dir:  # a run directory: its own resolved recipe
-            if not resume:
-                raise FtuneError(f"{run_dir} is a run directory; pass --resume to continue it")
-            recipe_path = run_dir / "recipe.yaml"
-            if not recipe_path.is_file():
-                raise FtuneError(
-                    f"{run_dir}: no recipe.yaml to resume with; give the recipe: "
-                    f"ftune train RECIPE --resume --set output.dir={run_dir}"
-                )
-        resolved = recipe.load(recipe_path, overrides)
-        if run_dir:
-            resolved.output.dir = str(run_dir)
-        if launch.wanted(resolved):  # check everything here, then start one `ftune train` per process
-            launch.check(resolved)
-            found = training.preflight(resolved, overwrite, resume, force)
-            if not found["completed"]:
-                ui.status(f"launching {resolved.distributed.num_processes} processes ({resolved.distributed.strategy})")
-                flags = [f"--set={o}" for o in overrides] + [f"--samples={samples}"]
-                flags += [f for f, on in (("--overwrite", overwrite), ("--resume", resume), ("--force", force)) if on]
-                args = ["--debug"] * _state["debug"] + ["train", str(run_dir or recipe_path), *flags]
-                raise typer.Exit(launch.launch(resolved, args + ["--json"] * as_json, _state["debug"]))
-        main = launch.is_main()
-        result = training.run(
-            resolved,
-            overwrite=overwrite,
-            callbacks=[ui.progress_callback()] if main else [],
-            samples=samples,
-            log=ui.status if main else (lambda msg: None),
-            resume=resume,
-            force=force,
-        )
-        if not main:
-            return
-        if result.get("already_completed"):
-            sys.stderr.write(f"{result['run_dir']} is already completed; nothing to resume\n")
-            if as_json:
-                sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-            return
-        if as_json:
-            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-        else:
-            ui.train_summary(result)
+    overrides = list(set_ or []) + ([f"distributed.num_processes={num_processes}"] if num_processes else [])
+    resolved = rundir.load_recipe(recipe_path, overrides, resume)
+    if launch.wanted(resolved):  # check everything here, then start one `ftune train` per process
+        launch.check(resolved)
+        if not training.preflight(resolved, overwrite, resume, force).completed:
+            ui.status(f"launching {resolved.distributed.num_processes} processes ({resolved.distributed.strategy})")
+            flags = (overrides, samples, overwrite, resume, force, as_json, _state["debug"])
+            raise typer.Exit(launch.launch(resolved, launch.relaunch_args(str(recipe_path), *flags), _state["debug"]))
+    main = launch.is_main()
+    result = training.run(
+        resolved,
+        overwrite=overwrite,
+        callbacks=[ui.progress_callback()] if main else [],
+        samples=samples,
+        log=ui.status if main else (lambda msg: None),
+        resume=resume,
+        force=force,
+    )
+    if not main:
+        return
+    if result.get("already_completed"):
+        sys.stderr.write(f"{result['run_dir']} is already completed; nothing to resume\n")
+        _emit(result, as_json)
+        return
+    _emit(result, as_json, ui.train_summary)
 
 
 @app.command("eval")
@@ -174,17 +175,13 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ):
     """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set."""
-    with _errors():
-        from finetune_cli import evaluate, ui
+    from finetune_cli import evaluate, ui
 
-        with ui.eval_progress() as progress:
-            result = evaluate.run(
-                target, [str(p) for p in data or []], base, compare_base, batch_size, max_length, stride, progress
-            )
-        if as_json:
-            sys.stdout.write(json.dumps(result, indent=2) + "\n")
-        else:
-            ui.eval_summary(result)
+    with ui.eval_progress() as progress:
+        result = evaluate.run(
+            target, [str(p) for p in data or []], base, compare_base, batch_size, max_length, stride, progress
+        )
+    _emit(result, as_json, ui.eval_summary)
 
 
 @app.command("merge-adapter")
@@ -198,16 +195,16 @@ def merge_adapter(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Fold a LoRA/QLoRA adapter into its full-precision base; write a plain transformers model folder."""
-    with _errors():
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise FtuneError(f"--dtype: {dtype!r}; expected float32, bfloat16 or float16")
-        from finetune_cli import export
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FtuneError(f"--dtype: {dtype!r}; expected float32, bfloat16 or float16")
+    from finetune_cli import export
 
-        result = export.merge(source, str(output), base, dtype, max_shard_size, overwrite)
-        if as_json:
-            sys.stdout.write(json.dumps(result, indent=2) + "\n")
-        else:
-            sys.stderr.write(f"merged {result['adapter']} into {result['base']} ({dtype}): {result['output']}\n")
+    result = export.merge(source, str(output), base, dtype, max_shard_size, overwrite)
+    _emit(
+        result,
+        as_json,
+        lambda r: sys.stderr.write(f"merged {r['adapter']} into {r['base']} ({dtype}): {r['output']}\n"),
+    )
 
 
 @app.command()
@@ -222,14 +219,14 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
 ):
     """Reply to one prompt with TARGET, rendered with its chat template; the reply streams to stdout."""
-    with _errors():
-        from finetune_cli import generate as gen
+    from finetune_cli import generate as gen
+    from finetune_cli import rundir
 
-        gen.check_sampling(do_sample, temperature, top_p)
-        model, tokenizer = gen.load_target(target)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        gen.reply(model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream)
-        sys.stdout.write("\n")
+    gen.check_sampling(do_sample, temperature, top_p)
+    model, tokenizer = rundir.load(target)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    gen.reply(model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream)
+    sys.stdout.write("\n")
 
 
 @app.command()
@@ -243,25 +240,25 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
 ):
     """Keep a conversation going with TARGET in the terminal (an empty line or Ctrl-D ends it)."""
-    with _errors():
-        from finetune_cli import generate as gen
+    from finetune_cli import generate as gen
+    from finetune_cli import rundir
 
-        gen.check_sampling(do_sample, temperature, top_p)
-        model, tokenizer = gen.load_target(target)
-        messages = [{"role": "system", "content": system}] if system else []
-        sys.stderr.write("chat: type a message; an empty line or Ctrl-D ends\n")
-        while True:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-            line = sys.stdin.readline()
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line.strip()})
-            answer = gen.reply(
-                model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream
-            )
-            sys.stdout.write("\n")
-            messages.append({"role": "assistant", "content": answer})
+    gen.check_sampling(do_sample, temperature, top_p)
+    model, tokenizer = rundir.load(target)
+    messages = [{"role": "system", "content": system}] if system else []
+    sys.stderr.write("chat: type a message; an empty line or Ctrl-D ends\n")
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        answer = gen.reply(
+            model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream
+        )
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
 
 
 @app.command()
@@ -271,17 +268,13 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Check a recipe and every data line without loading weights; exit 1 when a line is bad."""
-    with _errors():
-        from finetune_cli import recipe, ui
-        from finetune_cli import validate as checks
+    from finetune_cli import recipe, ui
+    from finetune_cli import validate as checks
 
-        report = checks.validate(recipe.load(recipe_path, set_ or []))
-        if as_json:
-            sys.stdout.write(json.dumps(report, indent=2) + "\n")
-        else:
-            ui.validate_report(report)
-        if not report["ok"]:
-            raise typer.Exit(1)
+    report = checks.validate(recipe.load(recipe_path, set_ or []))
+    _emit(report, as_json, ui.validate_report)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -293,15 +286,11 @@ def preview(
     as_json: bool = typer.Option(False, "--json", help="Print token ids, strings and label flags as JSON."),
 ):
     """Show training examples as the model sees them: learned tokens highlighted, token boundaries visible."""
-    with _errors():
-        from finetune_cli import recipe, ui
-        from finetune_cli import validate as checks
+    from finetune_cli import recipe, ui
+    from finetune_cli import validate as checks
 
-        examples = checks.preview(recipe.load(recipe_path, set_ or []), index, count)
-        if as_json:
-            sys.stdout.write(json.dumps(examples, indent=2) + "\n")
-        else:
-            ui.preview(examples)
+    examples = checks.preview(recipe.load(recipe_path, set_ or []), index, count)
+    _emit(examples, as_json, ui.preview)
 
 
 @app.command()
@@ -310,14 +299,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
 ):
     """Architecture, size, context, special tokens, chat template and memory of a model (no weights loaded)."""
-    with _errors():
-        from finetune_cli import inspect_model, ui
+    from finetune_cli import inspect_model, ui
 
-        info = inspect_model.inspect(model)
-        if as_json:
-            sys.stdout.write(json.dumps(info, indent=2) + "\n")
-        else:
-            ui.console.print(ui.inspect_table(info))
+    info = inspect_model.inspect(model)
+    _emit(info, as_json, lambda i: ui.console.print(ui.inspect_table(i)))
 
 
 def _stream(text: str) -> None:
@@ -332,14 +317,10 @@ app.add_typer(recipes_app, name="recipes")
 @recipes_app.command("list")
 def recipes_list(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")):
     """List the shipped recipes with a one-line description."""
-    with _errors():
-        from finetune_cli import recipe, ui
+    from finetune_cli import recipe, ui
 
-        items = recipe.shipped()
-        if as_json:
-            sys.stdout.write(json.dumps(items, indent=2) + "\n")
-        else:
-            ui.recipes_table(items)
+    items = recipe.shipped()
+    _emit(items, as_json, ui.recipes_table)
 
 
 @recipes_app.command("copy")
@@ -349,11 +330,10 @@ def recipes_copy(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ):
     """Copy a shipped recipe to DEST to start from (data paths made absolute)."""
-    with _errors():
-        from finetune_cli import recipe
+    from finetune_cli import recipe
 
-        path = recipe.copy_shipped(name, dest, overwrite)
-        sys.stderr.write(f"copied {name} to {path}; edit it, then: ftune train {path}\n")
+    path = recipe.copy_shipped(name, dest, overwrite)
+    sys.stderr.write(f"copied {name} to {path}; edit it, then: ftune train {path}\n")
 
 
 # glibc hands freed memory back to the OS at once and maps big blocks afresh, so every training step page-faults

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from finetune_cli import models, rundir
+from finetune_cli import files, models, rundir
 from finetune_cli.data.masking import end_of_turn_ids
 from finetune_cli.errors import FtuneError
 
@@ -59,16 +57,12 @@ def merge(
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.name_or_path = str(out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with files.temporary_folder(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(found, dtype), encoding="utf-8")
         rundir.check_output(out, "merge", overwrite, "--output")  # again: something may have appeared meanwhile
         rundir.replace_folder(tmp, out, "merge", [p.name for p in tmp.iterdir()])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
 
 

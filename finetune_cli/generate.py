@@ -1,26 +1,13 @@
-"""Replies from a base model, a run (base + adapter) or a merged folder, with the training chat template."""
+"""Decoding: a reply to messages, rendered with the chat template training used, stopping at its end-of-turn
+token; and the checks of sampling flags. `ftune generate`/`chat` and training's sample answers use it."""
 
 from __future__ import annotations
 
 import math
 from typing import Callable
 
-from finetune_cli import models, rundir
 from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
-
-
-def load_target(target: str):
-    """(model, tokenizer) for a run directory, an adapter folder, a model folder or a base model name, loaded as
-    training loaded it (dtype, trust_remote_code, the chat template saved with the adapter or model)."""
-    found = rundir.open_target(target)
-    tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
-    model = models.load_model(found.weights, found.dtype, found.trust_remote_code)
-    if found.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(found.adapter))
-    return model, tokenizer
 
 
 def check_sampling(do_sample: bool, temperature: float | None, top_p: float | None) -> None:

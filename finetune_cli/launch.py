@@ -137,6 +137,22 @@ def command(recipe, ftune_args: list[str]) -> list[str]:
     return cmd
 
 
+def relaunch_args(
+    target: str,
+    overrides: list[str],
+    samples: int,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    as_json: bool,
+    debug: bool,
+) -> list[str]:
+    """The `ftune` arguments each rank runs: the same train command as the user's, as one rank."""
+    flags = [f"--set={o}" for o in overrides] + [f"--samples={samples}"]
+    flags += [f for f, on in (("--overwrite", overwrite), ("--resume", resume), ("--force", force)) if on]
+    return ["--debug"] * debug + ["train", target, *flags] + ["--json"] * as_json
+
+
 def launch(recipe, ftune_args: list[str], debug: bool = False) -> int:
     """Run accelerate launch and return the run's exit code: the first failing rank's (2 bad input, 1 failed,
     130 interrupted), 0 when all ranks finished. The ranks write to this terminal directly."""

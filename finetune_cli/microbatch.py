@@ -10,8 +10,6 @@ examples, the same step, less memory.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 _ROW_KEYS = ("input_ids", "labels", "position_ids", "seq_idx")  # (1, tokens) tensors, cut along the row
 _BOUND_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 _MAX_KEYS = ("max_length_q", "max_length_k")
@@ -61,28 +59,3 @@ def split(inputs: dict, budget: int | None) -> list[dict]:
                 part[k] = int(cut.diff().max())
         parts.append(part)
     return parts
-
-
-def trainer_class():
-    """TRL's SFTTrainer, running each packed micro-batch as token-budget sub-rows (`micro_batch_tokens`)."""
-    from accelerate.utils import DistributedType
-    from trl import SFTTrainer
-
-    class Trainer(SFTTrainer):
-        micro_batch_tokens: int | None = None
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-            # Without the step's token count each pass would be its own mean; sharded engines count their own
-            # backward passes: both keep the whole row.
-            parts = [inputs] if num_items_in_batch is None or sharded else split(inputs, self.micro_batch_tokens)
-            total = None
-            for i, part in enumerate(parts):
-                # gradients are all-reduced once, with the last pass of the micro-batch
-                last = i == len(parts) - 1
-                with nullcontext() if last else self.accelerator.no_sync(model):
-                    loss = super().training_step(model, part, num_items_in_batch)
-                total = loss if total is None else total + loss
-            return total
-
-    return Trainer

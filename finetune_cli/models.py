@@ -6,10 +6,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from finetune_cli import files
 from finetune_cli.data import templates
 from finetune_cli.errors import FtuneError
 
@@ -73,9 +72,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with files.temporary_folder(target) as tmp:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
@@ -92,8 +89,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         except OSError:  # another process converted it first
             if not (target / "config.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

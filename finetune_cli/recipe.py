@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from finetune_cli import files
 from finetune_cli.errors import FtuneError
 
 
@@ -75,9 +76,12 @@ class DataSection(_Section):
         return self
 
     def files(self) -> list[TrainFile]:
-        """The training files, each with its weight, format and columns."""
+        """The training files, each with its weight, and its format and columns resolved (the file's own, else
+        data.format and data.columns): the one place these defaults are applied."""
         items = self.train if isinstance(self.train, list) else [self.train]
-        return [TrainFile(path=f) if isinstance(f, str) else f for f in items]
+        specs = [TrainFile(path=f) if isinstance(f, str) else f for f in items]
+        own = [{"format": s.format or self.format, "columns": s.columns or self.columns} for s in specs]
+        return [s.model_copy(update=u) for s, u in zip(specs, own)]
 
 
 class LoraMethod(_Section):
@@ -484,15 +488,9 @@ def copy_shipped(name: str, dest: str | Path, overwrite: bool = False) -> Path:
     text = re.sub(
         r"^(\s+(?:train|eval|chat_template):\s*)(\S+)", absolute, source.read_text(encoding="utf-8"), flags=re.M
     )
-    tmp, created = dest.with_name(f".{dest.name}.{os.getpid()}.tmp"), False
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": never write over a file that happens to have this name
-            created = True
-            f.write(text)
-        os.replace(tmp, dest)
+        files.write_text(dest, text)
     except OSError as exc:
-        if created:
-            tmp.unlink(missing_ok=True)
         raise FtuneError(f"{dest}: cannot write the recipe: {exc.strerror or exc}") from None
     return dest

@@ -99,6 +99,25 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def load_recipe(path: Path, overrides: list[str], resume: bool):
+    """The recipe `ftune train PATH` means: a recipe file, or (with --resume) a run directory's own recipe."""
+    from finetune_cli import recipe as recipes
+
+    path = Path(path)
+    if not path.is_dir():
+        return recipes.load(path, overrides)
+    if not resume:
+        raise FtuneError(f"{path} is a run directory; pass --resume to continue it")
+    if not (path / RECIPE).is_file():
+        raise FtuneError(
+            f"{path}: no recipe.yaml to resume with; give the recipe: "
+            f"ftune train RECIPE --resume --set output.dir={path}"
+        )
+    resolved = recipes.load(path / RECIPE, overrides)
+    resolved.output.dir = str(path)
+    return resolved
+
+
 def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool = False) -> None:
     """Refuse, before anything is written, an output folder that is not free for a new `kind` folder.
 
@@ -265,6 +284,42 @@ def evaluations(run_dir: Path) -> list[dict]:
     return [e for e in found if isinstance(e, dict) and isinstance(e.get("results"), dict)]
 
 
+def recipe_changes(folder: Path, recipe: dict) -> list[str] | None:
+    """The keys in which `recipe` (a resolved recipe as a dict) differs from the run's own recipe.yaml, apart from
+    the ones each machine may set differently; [] without a recipe.yaml (only checkpoints left), None when the
+    file is unreadable."""
+    import yaml
+
+    path = folder / RECIPE
+    if not path.is_file():
+        return []
+    try:
+        saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return None
+    now = _flatten(recipe)
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE)
+
+
+# keys that may differ between the run's recipe and a resume of it (each machine of a multi-node run has its own)
+_PER_MACHINE = {
+    "output.dir",
+    "distributed.machine_rank",
+    "distributed.main_process_ip",
+    "distributed.main_process_port",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def artifact(folder: Path) -> Path | None:
     """A run's finished adapter/ or model/ folder."""
     if (folder / ADAPTER / "adapter_config.json").is_file():
@@ -312,6 +367,21 @@ def open_target(name: str, base: str | None = None) -> Target:
     return Target(name, "model", source, source)
 
 
+def load(target: str):
+    """(model, tokenizer) for a run directory, an adapter folder, a model folder or a base model name, loaded as
+    training loaded it (dtype, trust_remote_code, the chat template saved with the adapter or model)."""
+    found = open_target(target)
+    from finetune_cli import models
+
+    tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
+    model = models.load_model(found.weights, found.dtype, found.trust_remote_code)
+    if found.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(found.adapter))
+    return model, tokenizer
+
+
 def _open_run(name: str, path: Path, base: str | None) -> Target:
     from finetune_cli import recipe as recipes
 
@@ -321,6 +391,11 @@ def _open_run(name: str, path: Path, base: str | None) -> Target:
         status = info.get("status", "unfinished")
         if status == "completed":
             raise FtuneError(f"{path}: the run says completed but its adapter/ or model/ is missing; train it again")
+        if status == "running":
+            raise FtuneError(
+                f"{path}: this run has not finished (status running): wait for it, or if it was killed, "
+                f"resume it with `ftune train {path} --resume`"
+            )
         raise FtuneError(
             f"{path}: this run did not finish (status {status}): resume it with `ftune train {path} --resume`"
         )

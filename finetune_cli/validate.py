@@ -17,11 +17,12 @@ from finetune_cli.data import jsonl
 from finetune_cli.data.formats import LineError
 from finetune_cli.data.masking import IGNORE, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
+from finetune_cli.results import ValidateReport
 
 UNLIMITED = 1 << 40
 
 
-def validate(recipe) -> dict:
+def validate(recipe) -> ValidateReport:
     """The report: files (format, examples, errors), errors by kind, warnings, statistics; `ok` when no error."""
     d = recipe.data
     errors: list[LineError] = []
@@ -75,16 +76,18 @@ def validate(recipe) -> dict:
     by_kind: dict[str, list[dict]] = {}
     for e in errors:
         by_kind.setdefault(e.kind, []).append({"where": e.where, "message": e.detail})
-    return {
-        "recipe": recipe.output.dir,
-        "model": recipe.model.base,
-        "files": files,
-        "errors": by_kind,
-        "error_count": len(errors),
-        "warnings": warnings,
-        "stats": stats,
-        "ok": not errors,
-    }
+    return ValidateReport(
+        **{
+            "recipe": recipe.output.dir,
+            "model": recipe.model.base,
+            "files": files,
+            "errors": by_kind,
+            "error_count": len(errors),
+            "warnings": warnings,
+            "stats": stats,
+            "ok": not errors,
+        }
+    )
 
 
 def _unique(records: list[dict]) -> list[dict]:
@@ -206,7 +209,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     d = recipe.data
     records = []
     for spec in d.files():
-        records += jsonl.read(spec.path, spec.format or d.format, spec.columns or d.columns, d.system_prompt)
+        records += jsonl.read(spec.path, spec.format, spec.columns, d.system_prompt)
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
     tokenizer = _tokenizer(recipe, records)

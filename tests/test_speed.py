@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune_cli import models, train
+from finetune_cli import models
 from finetune_cli import recipe as recipes
+from finetune_cli import trainer as trainers
 from finetune_cli.data import jsonl
 from finetune_cli.data.masking import IGNORE, tokenize_all
 from finetune_cli.microbatch import resolve, split
@@ -41,7 +42,7 @@ def trainer_for(setup, tiny_model_dir, tmp_path, **training):
         }
     )
     model = models.load_model(str(tiny_model_dir))
-    return train.build_trainer(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
+    return trainers.build(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
 
 
 def epoch(trainer) -> list[dict]:
@@ -122,7 +123,7 @@ def test_prompt_tuning_is_never_packed(setup, tiny_model_dir, tmp_path):
         }
     )
     model = models.load_model(str(tiny_model_dir))
-    trainer = train.build_trainer(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
+    trainer = trainers.build(recipe, str(tiny_model_dir), model, tokenizer, examples, tmp_path / "run", [])
     assert "attention_mask" in next(iter(trainer.get_train_dataloader()))
 
 
@@ -197,8 +198,8 @@ def test_micro_batch_tokens_setting(setup, tiny_model_dir, tmp_path):
             {"data": {"train": str(folder / "train.jsonl")}, "training": training, "output": {"dir": str(tmp_path)}}
         )
 
-    assert train.micro_batch_tokens(recipe()) == (None if torch.cuda.is_available() else 512)
-    assert train.micro_batch_tokens(recipe(packing=False, micro_batch_tokens=100)) is None
-    assert train.micro_batch_tokens(recipe(micro_batch_tokens=None)) is None
+    assert trainers.micro_batch_tokens(recipe()) == (None if torch.cuda.is_available() else 512)
+    assert trainers.micro_batch_tokens(recipe(packing=False, micro_batch_tokens=100)) is None
+    assert trainers.micro_batch_tokens(recipe(micro_batch_tokens=None)) is None
     with pytest.raises(ValueError):
         recipe(micro_batch_tokens=0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from finetune_cli.errors import FtuneError
 
-FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "system": "system",

@@ -120,7 +120,7 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
     rng = random.Random(seed)
     train, held, info = [], [], []
     for spec in data.files():
-        records = reader(spec.path, spec.format or data.format, spec.columns or data.columns, data.system_prompt)
+        records = reader(spec.path, spec.format, spec.columns, data.system_prompt)
         if data.eval_split:
             records, out = split(records, data.eval_split, seed)
             held += out
@@ -133,7 +133,7 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
             {
                 "path": spec.path,
                 "format": records[0]["format"] if records else None,
-                "detected": (spec.format or data.format) == "auto",
+                "detected": spec.format == "auto",
                 "weight": spec.weight,
                 "examples": len(records),
                 "used": len(weighted),

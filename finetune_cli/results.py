@@ -1,0 +1,94 @@
+"""What commands produce, as types: run.json (and `train --json`), an eval result (eval.json and `eval --json`),
+and the validate report. Files and `--json` are written from the same model, so they cannot drift apart; a key
+that is not declared here is an error when it is written, not a surprise for whoever reads it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def dump(self) -> dict:
+        """The JSON-ready dict: keys that were never set are left out (as before types: e.g. `reason` only once
+        a run stopped, `resumed_from` only for a resumed run)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class Score(_Result):
+    """Corpus perplexity: exp(nll / tokens) over every scored token."""
+
+    tokens: int
+    nll: float
+    loss: float
+    perplexity: float
+
+
+class Change(_Result):
+    perplexity: float
+    relative: float
+
+
+class EvalResult(_Result):
+    target: str
+    base: str
+    data: list[str]
+    data_sha256: list[str] | None = None
+    context: int
+    stride: int
+    results: dict[str, Score]  # "model", or "base" and/or "tuned"
+    change: Change | None = None
+
+
+class Sample(_Result):
+    prompt: str
+    base: str
+    tuned: str
+
+
+class Distributed(_Result):
+    processes: int
+    strategy: str
+    effective_batch_size: int
+    micro_batch_tokens: int | None
+
+
+class RunInfo(_Result):
+    """run.json: the run's status with the reason it stopped, what it trained on, and its results."""
+
+    status: Literal["running", "completed", "interrupted", "failed", "unfinished"]
+    reason: str | None = None
+    resumed_from: str | None = None
+    started: str | None = None
+    versions: dict[str, str | None] = {}
+    distributed: Distributed | None = None
+    data: dict[str, Any] = {}  # train: files (path, format, weight, sha256...) and token counts; eval: path or split
+    seconds: float | None = None
+    method: str | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    train_loss: float | None = None
+    final_loss: float | None = None
+    first_loss: float | None = None
+    tokens_seen: int | None = None
+    peak_gpu_memory_mib: int | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    eval_before: Score | None = None
+    eval_after: Score | None = None
+    samples: list[Sample] = []
+    artifact: str | None = None
+
+
+class ValidateReport(_Result):
+    recipe: str | None
+    model: str
+    files: list[dict[str, Any]]
+    errors: dict[str, list[dict[str, str]]]
+    error_count: int
+    warnings: list[str]
+    stats: dict[str, Any]
+    ok: bool

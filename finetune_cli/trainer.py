@@ -1,0 +1,281 @@
+"""ftune's one seam with TRL's trainer: the SFTTrainer subclass, its callbacks, and saving what it trained.
+
+Every private or unstable API of transformers, TRL, PEFT, accelerate or bitsandbytes that ftune relies on is
+listed here, with why, and the test that fails if an upgrade breaks it:
+
+- `Trainer.callback_handler.on_log(args, state, copy(control), logs)` (MetricsLog.evaluate): eval rows go
+  straight to the callbacks (metrics.jsonl, the progress bar); TRL's `log()` would average and reset its own
+  metrics, and `on_log` clears `should_log` on the control it gets. tests/test_train.py
+  (test_metrics_every_step_and_eval: eval rows at 0, every eval_steps and the end, loss rows every step).
+- `Trainer.training_step(model, inputs, num_items_in_batch)` and `accelerator.no_sync` (FtuneTrainer): a
+  packed micro-batch runs as several passes whose losses are normalised by the step's token count.
+  tests/test_speed.py (same gradients for whole rows and 64-token passes; DDP at budget 32 equals one process).
+- `accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")` (save_artifact): FSDP gathers the
+  whole state dict before saving. tests/test_distributed.py (test_fsdp_writes_the_whole_adapter).
+- `SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, padding_free=...)`: TRL takes our tokenized
+  `input_ids`/`labels` as they are. tests/test_masking.py, tests/test_speed.py (packed losses).
+- accelerate's `model._original_forward` (perplexity._without_autocast): eval during bf16/fp16 training runs
+  without the autocast wrapper. tests/test_rundir.py (test_eval_before_after_and_ftune_eval_agree_under_bf16).
+- transformers' `AttentionInterface`/`AttentionMaskInterface.register`, `set_attn_implementation`,
+  `config._attn_implementation` and `integrations.sdpa_attention.repeat_kv`/`sdpa_attention_forward`
+  (attention.py): per-example SDPA for packed rows. tests/test_speed.py (packed equals unpacked losses).
+- bitsandbytes' `functional._convert_weight_packed_for_cpu_inverse` and `quant_state.packing_format_for_cpu`
+  (methods.restore_training_layout): undo the CPU inference repacking of 4-bit weights before training.
+  tests/test_methods.py (QLoRA training layout).
+- `model.hf_quantizer = None; model.is_quantized = False` (models.convert_gguf): a GGUF-loaded model refuses
+  `save_pretrained` otherwise. tests/test_models.py (builtin conversion).
+- `TextStreamer.on_finalized_text` overridden per instance (generate.reply): streamed text goes to a callback.
+  tests/test_export.py (generate streams the same text it returns).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from accelerate.utils import DistributedType
+from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from finetune_cli import attention, files, launch, methods, microbatch, rundir
+from finetune_cli.errors import FAILED, FtuneError
+from finetune_cli.perplexity import corpus_nll
+
+
+class FtuneTrainer(SFTTrainer):
+    """TRL's SFTTrainer, running each packed micro-batch as token-budget passes (`micro_batch_tokens`)."""
+
+    def __init__(self, *args, micro_batch_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_batch_tokens = micro_batch_tokens
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        # Without the step's token count each pass would be its own mean; sharded engines count their own
+        # backward passes: both keep the whole row.
+        parts = [inputs] if num_items_in_batch is None or sharded else microbatch.split(inputs, self.micro_batch_tokens)
+        total = None
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1  # gradients are all-reduced once, with the last pass of the micro-batch
+            with nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+
+def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
+    """The trainer for the recipe: our tokenized examples, TRL's collator (padded, or padding-free when
+    `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
+    import datasets
+
+    t, method = recipe.training, recipe.method
+    precision = methods.precision(t.precision)
+    packing = packing_applies(recipe)
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    if packing:
+        attention.use_for_packing(model)
+    args = SFTConfig(
+        output_dir=str(out / rundir.STAGING),  # checkpoints are written here, then renamed into checkpoints/
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda(),
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        eval_strategy="no",
+        report_to=t.report_to,
+        disable_tqdm=True,
+        max_length=None,  # examples are truncated by us, with counts reported
+        dataset_kwargs={"skip_prepare_dataset": True},
+        padding_free=packing,  # one row per micro-batch, positions restart per example: no padding computed
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        torch_compile=t.compile,
+        use_liger_kernel=t.liger,
+        # packed rows hold no padding; padded batches count their attention mask (pad may equal EOS)
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
+    )
+    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
+    trainer = FtuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+        micro_batch_tokens=micro_batch_tokens(recipe),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def packing_applies(recipe) -> bool:
+    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example)."""
+    return recipe.training.packing and recipe.method.name != "prompt_tuning"
+
+
+def micro_batch_tokens(recipe) -> int | None:
+    """The token budget of each forward/backward pass over a packed micro-batch (None: the whole row)."""
+    return microbatch.resolve(recipe.training.micro_batch_tokens, cuda()) if packing_applies(recipe) else None
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def save_artifact(trainer, recipe, out: Path) -> Path:
+    """adapter/ (PEFT methods, with ftune.json naming base, method and model options) or model/ (full), written
+    to a temporary folder and renamed into place.
+
+    Every rank calls this: under FSDP or ZeRO-3 the whole state dict is gathered from all of them, and the
+    main process writes it (never one shard of it)."""
+    full = recipe.method.name == "full"
+    final = out / (rundir.MODEL if full else rundir.ADAPTER)
+    tmp = out / f".{final.name}.tmp"
+    main = launch.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    attention.restore(model)
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(tmp))  # weights, config and tokenizer
+    if main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not ours to ship
+        if not full:
+            m = recipe.model
+            record = {"base": m.base, "method": recipe.method.model_dump(), "model": m.model_dump()}
+            files.write_json(tmp / rundir.ADAPTER_RECORD, record)
+        if final.exists():  # a save that was interrupted after its rename (never the user's: this is our run)
+            shutil.rmtree(final)
+        tmp.rename(final)
+    launch.barrier()
+    return final
+
+
+class MetricsLog(TrainerCallback):
+    """One JSON line per log in `metrics_file`; token-exact eval loss and perplexity before training (`before`),
+    every `eval_steps` and at the end; a loss that is not finite stops the run."""
+
+    def __init__(self, trainer, metrics_file, eval_examples, batch_size, eval_steps, pad_token_id, before, stop):
+        self.trainer, self.file, self.examples = trainer, metrics_file, eval_examples
+        self.batch_size, self.eval_steps, self.pad_token_id = batch_size, eval_steps, pad_token_id
+        self.before, self.stop = before, stop
+        self.start = time.time()
+        self.last_eval = None
+        self.last_eval_step = None
+
+    def evaluate(self, step: int) -> dict | None:
+        if not self.examples:
+            return None
+        trainer = self.trainer
+        self.last_eval = corpus_nll(trainer.model, self.examples, self.batch_size, self.pad_token_id)
+        methods.restore_training_layout(trainer.model)
+        self.last_eval_step = step
+        logs = {"eval_loss": self.last_eval["loss"], "eval_perplexity": self.last_eval["perplexity"]}
+        trainer.callback_handler.on_log(trainer.args, trainer.state, copy.copy(trainer.control), logs)
+        return self.last_eval
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        row = {"step": state.global_step}
+        if "loss" in logs and not math.isfinite(logs["loss"]):
+            raise FtuneError(
+                f"training loss became {logs['loss']} at step {state.global_step}; stopped. The last good "
+                "checkpoint is kept: lower training.learning_rate (or check the data) and start again",
+                FAILED,
+            )
+        if "loss" in logs:
+            elapsed = time.time() - self.start
+            row.update(
+                epoch=round(state.epoch or 0, 4),
+                loss=logs["loss"],
+                learning_rate=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                tokens_per_s=round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+            )
+        elif "eval_loss" in logs:
+            row.update(eval_loss=logs["eval_loss"], eval_perplexity=logs["eval_perplexity"])
+        else:
+            return
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = time.time()
+        if self.before and state.global_step == 0:
+            self.last_eval, self.last_eval_step = self.before, 0
+            logs = {"eval_loss": self.before["loss"], "eval_perplexity": self.before["perplexity"]}
+            self.trainer.callback_handler.on_log(args, state, copy.copy(control), logs)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self.evaluate(state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.last_eval_step != state.global_step and not self.stop.stopped:
+            self.evaluate(state.global_step)
+
+
+class Checkpoints(TrainerCallback):
+    """Move each finished checkpoint from .staging/ into checkpoints/ in one rename; keep the newest `limit`."""
+
+    def __init__(self, out: Path, limit: int, every_epoch: bool):
+        self.out, self.limit, self.every_epoch = out, limit, every_epoch
+
+    def on_epoch_end(self, args, state, control, **kw):
+        if self.every_epoch:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kw):
+        launch.barrier()  # every rank has written its part (its RNG state) of the checkpoint
+        staged = self.out / rundir.STAGING / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not staged.is_dir():
+            return
+        final = self.out / rundir.CHECKPOINTS / staged.name
+        final.parent.mkdir(exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        kept = sorted(final.parent.glob("checkpoint-*"), key=rundir.checkpoint_step)
+        for old in kept[: -self.limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """Checkpoint and stop after the step in which `request.requested` was set (by a signal handler)."""
+
+    def __init__(self, request):
+        self.request = request
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kw):
+        if launch.world_size() > 1:  # a signal that reached one rank stops them all at the same step
+            self.request.requested = launch.any_rank(self.request.requested)
+        if self.request.requested:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
