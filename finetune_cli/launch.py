@@ -79,8 +79,10 @@ def check(recipe) -> None:
             f"distributed.num_processes: {per_node} processes per machine but this machine has "
             f"{torch.cuda.device_count()} GPU(s); use at most one process per GPU"
         )
-    if d.config:
-        return  # the user's own accelerate config: accelerate checks it
+    if d.config:  # the user's own accelerate config: accelerate checks its contents
+        if not Path(d.config).is_file():
+            raise FtuneError(f"distributed.config: {d.config} not found; give your accelerate config file's path")
+        return
     if d.strategy.startswith("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise FtuneError(

@@ -176,8 +176,9 @@ def _start_run_dir(recipe, plan: Plan, resume: bool, overwrite: bool, log) -> No
         if not main:
             return
         rundir.trim_metrics(out / rundir.METRICS, rundir.checkpoint_step(plan.checkpoint))
-        if not (out / rundir.RECIPE).is_file():  # only checkpoints were left: record the recipe resumed with
-            files.write_text(out / rundir.RECIPE, recipes.dump(recipe))
+        # the recipe the run continues with (changed only with --force, or written anew when only checkpoints
+        # were left): recipe.yaml always says how the run was trained, and a later --resume compares with it
+        files.write_text(out / rundir.RECIPE, recipes.dump(recipe))
         rundir.mark(out, "run")
     elif main:
         if overwrite:
@@ -253,6 +254,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     )
     fit.add_callback(metrics)
     fit.add_callback(trainer.Checkpoints(out, t.save_total_limit, t.save_every_epoch))
+    fit.add_callback(trainer.RecipeOnResume())
     started = time.perf_counter()
     try:
         train_output = fit.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
@@ -344,7 +346,17 @@ def _previous_run(recipe, out: Path, force: bool) -> dict:
             f"--resume: the recipe differs from the run's own in {', '.join(changed)}; "
             "resume with the run's recipe (ftune train RUN_DIR --resume) or pass --force"
         )
+    fixed = [k for k in changed or [] if k in _FIXED_BY_CHECKPOINT]
+    if fixed:
+        raise FtuneError(
+            f"--resume: {', '.join(fixed)} cannot change in a resumed run, even with --force: the checkpoint's "
+            "optimizer and scheduler state hold them; start a new run instead"
+        )
     return previous
+
+
+# what the checkpoint's optimizer and scheduler state fix (the learning rate is re-applied: trainer.RecipeOnResume)
+_FIXED_BY_CHECKPOINT = {"training.optimizer", "training.lr_scheduler", "training.weight_decay"}
 
 
 def _last_assistant(messages: list[dict]) -> int:

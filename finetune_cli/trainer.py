@@ -24,6 +24,9 @@ listed here, with why, and the test that fails if an upgrade breaks it:
   tests/test_methods.py (QLoRA training layout).
 - `model.hf_quantizer = None; model.is_quantized = False` (models.convert_gguf): a GGUF-loaded model refuses
   `save_pretrained` otherwise. tests/test_models.py (builtin conversion).
+- torch's `LRScheduler.base_lrs`/`_last_lr` and the param groups' `initial_lr` (RecipeOnResume): a learning rate
+  changed with `--resume --force` replaces the checkpoint's. tests/test_promises.py
+  (test_resume_force_trains_with_the_changed_learning_rate).
 - `TextStreamer.on_finalized_text` overridden per instance (generate.reply): streamed text goes to a callback.
   tests/test_export.py (generate streams the same text it returns).
 """
@@ -258,11 +261,41 @@ class Checkpoints(TrainerCallback):
         final = self.out / rundir.CHECKPOINTS / staged.name
         final.parent.mkdir(exist_ok=True)
         if final.exists():
-            shutil.rmtree(final)
+            self._discard(final)
+        older = sorted(final.parent.glob("checkpoint-*"), key=rundir.checkpoint_step)
+        # Make room first, so a kill never leaves more than `limit`; with a limit of 1 the new one goes in first,
+        # so there is never none.
+        room = len(older) + 1 - self.limit
+        if self.limit > 1:
+            for old in older[: max(room, 0)]:
+                self._discard(old)
         os.replace(staged, final)
-        kept = sorted(final.parent.glob("checkpoint-*"), key=rundir.checkpoint_step)
-        for old in kept[: -self.limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.limit == 1:
+            for old in older:
+                self._discard(old)
+
+    def _discard(self, checkpoint: Path) -> None:
+        """Out of checkpoints/ in one rename, then deleted: never a half-deleted checkpoint under that name."""
+        gone = self.out / rundir.STAGING / f"discarded-{checkpoint.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(checkpoint, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+class RecipeOnResume(TrainerCallback):
+    """A resumed run trains at the recipe's learning rate (`--resume --force` may have changed it): the checkpoint's
+    scheduler (`base_lrs`) and optimizer (`initial_lr`, `lr`) state would otherwise keep the old one. All of
+    transformers' schedules multiply the base rate, so scaling by new/old gives the new schedule at this step."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        old = getattr(lr_scheduler, "base_lrs", None)
+        if state.global_step == 0 or optimizer is None or not old or all(b == args.learning_rate for b in old):
+            return
+        for group, base in zip(optimizer.param_groups, old):
+            group["lr"] = group["lr"] * args.learning_rate / base if base else args.learning_rate
+            group["initial_lr"] = args.learning_rate
+        lr_scheduler.base_lrs = [args.learning_rate] * len(old)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class StopOnSignal(TrainerCallback):

@@ -143,11 +143,6 @@ def test_resume_with_a_changed_recipe_is_refused_then_forced(forced_resume):
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "checkpoints").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a learning rate changed with --resume --force is ignored: the checkpoint's scheduler state "
-    "(base_lrs) and optimizer param_groups (lr, initial_lr) are restored over the new value",
-)
 def test_resume_force_trains_with_the_changed_learning_rate(forced_resume):
     """Constant schedule, no warmup: every step's learning_rate is the recipe's. Steps 1-2 ran at 1e-3; after the
     forced resume with 5e-3 the remaining steps must run at 5e-3."""
@@ -156,11 +151,6 @@ def test_resume_force_trains_with_the_changed_learning_rate(forced_resume):
     assert [rates[s] for s in (3, 4, 5, 6)] == pytest.approx([5e-3] * 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after --resume --force the run's recipe.yaml still holds the old recipe (max_steps 4, lr 1e-3), "
-    "so it no longer says how the run was trained and a later plain --resume would use the old keys",
-)
 def test_resume_force_records_the_recipe_it_continued_with(forced_resume):
     saved = yaml.safe_load((forced_resume.run / "recipe.yaml").read_text())
     assert saved["training"]["max_steps"] == 6 and saved["training"]["learning_rate"] == pytest.approx(5e-3)
@@ -399,11 +389,6 @@ def test_distributed_config_replaces_the_preset_in_the_launch_command(tmp_path, 
     assert not (tmp_path / "run").exists()  # the ranks write the run, not the launching process
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a missing distributed.config is not checked: ftune launches accelerate, which fails with "
-    "FileNotFoundError and a traceback, exit 1 (README: missing file -> exit 2 naming the key, before anything starts)",
-)
 def test_missing_distributed_config_is_refused_naming_the_key(tmp_path, tiny_model_dir, captured_launch):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(4)])
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, tmp_path / "run")

@@ -430,3 +430,17 @@ def test_eval_json_keeps_one_result_per_data_set(setup):
     assert first.exit_code == 0 and second.exit_code == 0
     kept = json.loads((run / "eval.json").read_text())["evaluations"]
     assert len(kept) == 1 and kept[0] == json.loads(second.stdout)
+
+
+def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(setup, tmp_path):
+    """The optimizer, the schedule's shape and weight decay live in the checkpoint's optimizer and scheduler state:
+    changing them on resume is refused even with --force (a changed learning rate is applied: test_promises)."""
+    recipe, _ = setup
+    out = tmp_path / "run"
+    interrupted_run(recipe, out, at_step=3)
+    before = snapshot(out)
+    result = runner.invoke(
+        app, ["train", str(out), "--resume", "--force", "--samples", "0", "--set", "training.optimizer=sgd"]
+    )
+    assert result.exit_code == 2 and "training.optimizer cannot change" in error_line(result)
+    assert snapshot(out) == before
