@@ -125,7 +125,7 @@ def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool 
     Never: a file, a symbolic link, `/`, home, the current folder or its parents, ftune's checkout."""
     why = _protected(path)
     if why:
-        example = "runs/NAME" if kind == "run" else f"{kind}d/NAME"
+        example = {"run": "runs/NAME", "merge": "merged/NAME"}.get(kind, f"{kind}s/NAME")
         raise FtuneError(f"{key}: {path} is {why}; give the {kind} a folder of its own, e.g. {example}")
     if path.is_symlink() and (overwrite or resume):
         raise FtuneError(f"{key}: {path} is a symbolic link; give the folder it points to ({path.resolve()})")
