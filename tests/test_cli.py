@@ -73,8 +73,24 @@ def test_unknown_base_model(tiny_recipe, monkeypatch):
 
 
 def test_debug_shows_traceback(tiny_recipe):
-    result = run("--debug", "train", tiny_recipe, "--set", "training.epochs=x")
-    assert result.exit_code != 0 and result.exception is not None
+    """The real command in a subprocess (CliRunner records any non-zero exit as an exception, so it cannot tell):
+    with --debug the error comes with Python's traceback ending in the error itself; without it, one line."""
+
+    def ftune(*args):
+        # `python -m` from the checkout: this tree's finetune_cli, not whatever the venv's console script points at
+        cmd = [sys.executable, "-m", "finetune_cli", *args, "train", str(tiny_recipe), "--set", "training.epochs=x"]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    debug = ftune("--debug")
+    assert debug.returncode == 1, debug.stderr  # the exception propagated out of Python: not our exit 2
+    assert "Traceback (most recent call last):" in debug.stderr, debug.stderr
+    assert "finetune_cli/recipe.py" in debug.stderr  # the frames of the code that raised it
+    last = debug.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune_cli.errors.FtuneError: ") and "'training.epochs' is 'x'" in last, last
+    plain = ftune()
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
+    assert plain.stderr.startswith("error: ") and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert "'training.epochs' is 'x'" in plain.stderr
 
 
 def test_console_script_and_module():

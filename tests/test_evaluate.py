@@ -35,6 +35,19 @@ def nll_positions(model, ids, positions):
     return -sum(float(logp[p - 1, ids[p]]) for p in positions)
 
 
+def chat_nll(model, tok, chats):
+    """(float64 NLL, tokens) of each conversation's one reply and its <|im_end|>, after the prompt with the
+    generation header, each conversation alone."""
+    total, count = 0.0, 0
+    for c in chats:
+        prompt = tok.apply_chat_template(c["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt + c["messages"][-1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        total += nll_positions(model, ids, range(n_prompt, len(ids)))
+        count += len(ids) - n_prompt
+    return total, count
+
+
 def texts(n):
     return [{"text": " ".join(WORDS[(i * 3) % len(WORDS) :] + WORDS[: 2 + i])} for i in range(n)]
 
@@ -49,13 +62,7 @@ def test_text_and_chat_match_independent_computation(tmp_path, tiny_model_dir, p
         tiny_model_dir, "--data", tmp_path / "chat.jsonl", "--data", tmp_path / "text.jsonl", "--batch-size", batch_size
     )["results"]["model"]
 
-    total, count = 0.0, 0
-    for c in chats:  # chat: the reply and its <|im_end|>, after the prompt with the generation header
-        prompt = tok.apply_chat_template(c["messages"][:-1], tokenize=False, add_generation_prompt=True)
-        ids = tok(prompt + c["messages"][-1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        total += nll_positions(model, ids, range(n_prompt, len(ids)))
-        count += len(ids) - n_prompt
+    total, count = chat_nll(model, tok, chats)
     for t in texts(4):  # text: every token after the first
         ids = tok(t["text"])["input_ids"]
         total += nll_positions(model, ids, range(1, len(ids)))
@@ -109,23 +116,39 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("evalrun")
     write_jsonl(folder / "train.jsonl", [conversation(i) for i in range(12)])
     write_jsonl(folder / "eval.jsonl", [conversation(i + 50) for i in range(4)])
+    # fp32: these tests are about scoring, which never autocasts; bf16 training is test_train's
     (folder / "recipe.yaml").write_text(
         f"model:\n  base: {tiny_model_dir}\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n  max_length: 96\n"
-        f"training:\n  max_steps: 6\n  batch_size: 4\n  learning_rate: 2.0e-2\noutput:\n  dir: {folder / 'run'}\n"
+        "training:\n  max_steps: 6\n  batch_size: 4\n  learning_rate: 2.0e-2\n  precision: fp32\n"
+        f"output:\n  dir: {folder / 'run'}\n"
     )
     result = runner.invoke(app, ["train", str(folder / "recipe.yaml"), "--samples", "0", "--json"])
     assert result.exit_code == 0, result.output
     return folder / "run", json.loads(result.stdout)
 
 
-def test_run_compare_base(tiny_run, tiny_model_dir):
+def test_run_compare_base(tiny_run, tiny_model_dir, plain):
+    """Base and tuned perplexity of a run, each against plain transformers / plain PEFT forwards of the run's eval
+    data (float64 NLL), and the change against the difference of those independent values."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     run, summary = tiny_run
     out = eval_json(run, "--compare-base")
     base, tuned = out["results"]["base"], out["results"]["tuned"]
-    assert tuned["perplexity"] < base["perplexity"]
-    assert tuned["tokens"] == base["tokens"] == summary["eval_after"]["tokens"]
+    chats = [json.loads(line) for line in (run.parent / "eval.jsonl").read_text().splitlines()]
+    base_model, tok = plain
+    base_nll, count = chat_nll(base_model, tok, chats)
+    tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    tuned_nll, tuned_count = chat_nll(tuned_model.eval(), tok, chats)
+    assert base["tokens"] == tuned["tokens"] == count == tuned_count == summary["eval_after"]["tokens"]
+    want_base, want_tuned = math.exp(base_nll / count), math.exp(tuned_nll / count)
+    assert base["perplexity"] == pytest.approx(want_base, rel=1e-4)
+    assert tuned["perplexity"] == pytest.approx(want_tuned, rel=1e-4)
+    assert want_tuned < want_base  # the run learned something, so the change below is not ~0
+    assert out["change"]["perplexity"] == pytest.approx(want_tuned - want_base, rel=1e-3)
+    assert out["change"]["relative"] == pytest.approx((want_tuned - want_base) / want_base, rel=1e-3)
     assert tuned["perplexity"] == pytest.approx(summary["eval_after"]["perplexity"], rel=1e-4)
-    assert out["change"]["perplexity"] == pytest.approx(tuned["perplexity"] - base["perplexity"])
     assert json.loads((run / "eval.json").read_text()) == {"evaluations": [out]}  # one result per data set
     # --base scores the base alone; the same number as the base model folder scored directly
     only_base = eval_json(run, "--base")["results"]
@@ -140,7 +163,7 @@ def test_training_eval_on_text_equals_ftune_eval(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "eval.jsonl", [{"text": "A held-out document, longer than one window. " * 12}])
     (tmp_path / "recipe.yaml").write_text(
         f"model:\n  base: {tiny_model_dir}\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n  max_length: 48\n"
-        f"training:\n  max_steps: 2\n  batch_size: 2\noutput:\n  dir: {tmp_path / 'run'}\n"
+        f"training:\n  max_steps: 2\n  batch_size: 2\n  precision: fp32\noutput:\n  dir: {tmp_path / 'run'}\n"
     )
     result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--samples", "0", "--json"])
     assert result.exit_code == 0, result.output

@@ -78,9 +78,9 @@ def test_lora_merge_matches_plain_peft(tmp_path, builtin_dir):
     assert (merged_dir / "chat_template.jinja").is_file()
     card = (merged_dir / "README.md").read_text()
     assert "base_model: smollm2-135m-instruct" in card and '"name": "lora"' in card and "## Recipe" in card
-    gen_config = json.loads((merged_dir / "generation_config.json").read_text())
+    eos = json.loads((merged_dir / "generation_config.json").read_text())["eos_token_id"]
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in [gen_config["eos_token_id"]] + [gen_config["eos_token_id"]]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     reference = plain_peft(builtin_dir, run / "adapter")
@@ -159,6 +159,58 @@ def test_lora_adapter_folder_merges(tiny_adapters, tiny_model_dir):
     assert (a - batch_logits(ref, tok)[0])[mask].abs().max() < 0.05  # bf16 weights: about 3 significant digits
 
 
+def test_merge_makes_generation_stop_at_the_end_of_turn(tmp_path, tiny_model_dir):
+    """A tokenizer whose EOS (<|endoftext|>) is not the end-of-turn token its ChatML template writes (<|im_end|>),
+    and a base whose generation config stops only at that EOS. The merged model's generation config must add
+    <|im_end|>, so that plain transformers generate() on the merged folder, given no eos, stops at the end of the
+    turn. The base is made to answer <|im_end|> at every position (its hidden state is dominated by one dimension,
+    which only <|im_end|>'s output row reads), so the base itself runs on to max_new_tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    tok.eos_token = "<|endoftext|>"
+    assert tok.eos_token_id not in (None, eot) and "<|im_end|>" in tok.chat_template
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings, config.eos_token_id = False, tok.eos_token_id
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.lm_head.weight[eot] = 0.0
+        model.lm_head.weight[eot, 0] = 10.0
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    assert json.loads((base_dir / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # a small adapter that changes the weights, not the answer
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.01)
+    lora.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+
+    result = invoke("merge-adapter", tmp_path / "adapter", "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    eos = json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(eos if isinstance(eos, list) else [eos]) == sorted([tok.eos_token_id, eot])
+
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    n = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        on_base = AutoModelForCausalLM.from_pretrained(base_dir).generate(**prompt, max_new_tokens=6, do_sample=False)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        on_merged = merged.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert on_base[0, n:].tolist() == [eot] * 6  # the base's own config does not stop there
+    assert on_merged[0, n:].tolist() == [eot]  # the merged one does, after the first
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -180,28 +232,68 @@ def test_merge_errors_write_nothing(tiny_adapters, monkeypatch, args, message):
     assert sorted(p.name for p in tiny_adapters.rglob("*")) == before
 
 
-def test_generate_and_chat_stream_to_stdout(tiny_adapters, tiny_model_dir):
-    for target in (tiny_adapters / "lora", tiny_model_dir):
-        result = invoke("generate", target, "-p", "Hello there", "--max-new-tokens", "5", "--seed", "1")
+def plain_reply(model, tok, prompt, max_new_tokens, **sampling):
+    """A reply from plain transformers generate(): the chat template's prompt, stopping at <|im_end|>."""
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_generate_applies_the_adapter(tiny_adapters, tiny_model_dir):
+    """`ftune generate` on an adapter folder answers as the base with that adapter (plain PEFT), on the base folder
+    as the base (plain transformers), and the two answers differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    answers = {}
+    for target, model in (
+        (tiny_adapters / "lora", plain_peft(tiny_model_dir, tiny_adapters / "lora")),
+        (tiny_model_dir, base),
+    ):
+        result = invoke("generate", target, "-p", "Hello there", "--max-new-tokens", "6")
         assert result.exit_code == 0, result.output
-        assert result.stdout.endswith("\n") and result.stderr == ""
-    sampled = [
-        invoke(
-            "generate",
-            tiny_model_dir,
-            "-p",
-            "Hi",
-            "--do-sample",
-            "--temperature",
-            "1.5",
-            "--max-new-tokens",
-            "8",
-            "--seed",
-            "7",
-        ).stdout
-        for _ in range(2)
-    ]
-    assert sampled[0] == sampled[1]  # same seed, same sample
+        assert result.stderr == ""  # the reply alone on stdout
+        assert result.stdout == plain_reply(model, tok, "Hello there", 6, **greedy) + "\n"
+        answers[target] = result.stdout
+    assert answers[tiny_adapters / "lora"] != answers[tiny_model_dir]
+
+
+def test_sampling_flags_change_the_reply(tiny_model_dir):
+    """--do-sample draws (different replies for different seeds, the same for the same seed); --temperature is
+    used: near 0 the draw is the greedy reply, at 1.5 it is plain transformers' draw with that seed and
+    temperature. A flag that were ignored fails one of these."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def sample(temperature, seed):
+        args = ["-p", "Hi", "--do-sample", "--temperature", temperature, "--max-new-tokens", "8", "--seed", seed]
+        result = invoke("generate", tiny_model_dir, *args)
+        assert result.exit_code == 0, result.output
+        return result.stdout.removesuffix("\n")
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    greedy = plain_reply(model, tok, "Hi", 8, do_sample=False, temperature=None, top_p=None, top_k=None)
+    hot = [sample(1.5, seed) for seed in (1, 2, 3)]
+    assert len(set(hot)) == 3 and greedy not in hot, hot  # a random tiny model: each draw its own
+    assert sample(1.5, 1) == hot[0]  # same seed, same sample
+    torch.manual_seed(1)
+    assert hot[0] == plain_reply(model, tok, "Hi", 8, do_sample=True, temperature=1.5)
+    # (1e-5: the likeliest token is then sampled with probability ~1 - exp(-gap / 1e-5), gap the logit margin)
+    assert [sample(1e-5, seed) for seed in (1, 2)] == [greedy, greedy]
+
+
+def test_chat_streams_to_stdout(tiny_model_dir):
     result = runner.invoke(app, ["chat", str(tiny_model_dir), "--max-new-tokens", "3"], input="Hi\nAgain\n\n")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("> ") == 3 and result.stdout.count("\n") >= 2  # two replies, then the end

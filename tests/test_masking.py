@@ -1,6 +1,8 @@
 """Loss masks checked against an independent computation: each template's pieces tokenized by the tokenizer alone."""
 
 import copy
+import json
+from collections import Counter
 
 import pytest
 
@@ -129,17 +131,49 @@ def test_mask_matches_independent_tokenization(templated, style, system, turns):
     assert sum(label == eot_id for label in ex["labels"]) == turns
 
 
-def test_end_of_turn_learned_when_it_is_the_pad_token(tokenizer):
-    """SmolLM2's pad token is <|im_end|>; TRL's collator must keep it in the labels."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+@pytest.mark.parametrize("packing", [True, False])
+def test_end_of_turn_learned_when_it_is_the_pad_token(tiny_recipe, tokenizer, packing):
+    """SmolLM2's pad token is <|im_end|>. The batches of one epoch, as the trainer that `ftune train` builds hands
+    them to the model (its collator, padded or packed), learn exactly each reply and the <|im_end|> that closes
+    it, from the data as written; padding (the same token id) is never learned."""
+    from transformers import TrainerCallback
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import train
 
     assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    examples, _ = tokenize_all(
-        tokenizer, [{"source": "x:1", "messages": conversation(True, t)} for t in (1, 2)], 4096, "assistant"
-    )
-    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
-    for row, turns in zip(batch["labels"], (1, 2)):
-        assert int((row == tokenizer.pad_token_id).sum()) == turns
+
+    class Batches(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            self.batches = list(train_dataloader)
+
+    seen = Batches()
+    overrides = ["training.max_steps=1", "data.eval=", f"training.packing={str(packing).lower()}"]
+    train.run(recipes.load(tiny_recipe, overrides), callbacks=[seen], samples=0)
+
+    learned, padding = [], 0
+    for batch in seen.batches:
+        if packing:  # one row; each example's positions start again at 0
+            assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+            ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+            starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+            rows = [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+        else:
+            rows = []
+            for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+                n = int(mask.sum())
+                assert mask[:n].all() and (ids[n:] == tokenizer.pad_token_id).all()  # padded on the right
+                assert (labels[n:] == IGNORE).all()  # padding is never learned
+                padding += len(ids) - n
+                rows.append((ids[:n], labels[:n]))
+        for ids, labels in rows:
+            learned.append(tuple(learned_runs(tokenizer, ids.tolist(), labels.tolist())))
+    data = [json.loads(line) for line in (tiny_recipe.parent / "train.jsonl").read_text().splitlines()]
+    expected = [
+        tuple(m["content"] + "<|im_end|>" for m in record["messages"] if m["role"] == "assistant") for record in data
+    ]
+    assert Counter(learned) == Counter(expected)  # the whole epoch, each reply and its end of turn
+    assert packing or padding > 0  # the padded batches did pad (with <|im_end|>), so the check above means something
 
 
 def test_last_assistant_and_all(tokenizer):

@@ -2,6 +2,7 @@
 or transformers."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -185,19 +186,115 @@ def test_refused_before_any_model_loads(tmp_path, monkeypatch, override, message
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-def test_4bit_training_layout_restored_after_an_eval_forward(tiny_model_dir):
+def four_bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    return layers
+
+
+def packed(layer) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def test_4bit_training_layout_restored_after_cpu_repacking(tiny_model_dir):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel in any
+    no-grad forward in eval mode (our baseline eval, evals during training, sample answers). Here that repacking is
+    forced on any CPU with bitsandbytes' own function (the one its forward calls); `methods.prepare`, which runs
+    before the adapter is added, must put back bitsandbytes' training layout: the same 4-bit codes, the same
+    (double-quantized) state, the same function."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from finetune_cli import methods, models
+    from finetune_cli.recipe import QloraMethod
+
+    model = models.load_model(str(tiny_model_dir), quantization=methods.quantization_config(QloraMethod(), "float32"))
+    model.train()  # no repacking in training mode, on any CPU
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        reference = model(ids).logits
+    layers = four_bit_layers(model)
+    before = [(layer.weight.data.clone(), layer.weight.quant_state.nested) for layer in layers]
+    assert not any(packed(layer) for layer in layers) and all(nested for _, nested in before)
+    for layer in layers:
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state
+        )
+    assert all(packed(layer) and layer.weight.shape != data.shape for layer, (data, _) in zip(layers, before))
+
+    model = methods.prepare(model, QloraMethod(), gradient_checkpointing=False)
+    for layer, (data, nested) in zip(layers, before):
+        assert not packed(layer) and layer.weight.quant_state.nested == nested
+        assert layer.weight.dtype == data.dtype and torch.equal(layer.weight.data, data)  # the same 4-bit codes
+    model.train()
+    with torch.no_grad():
+        # the block scales went through bfloat16 in the packed layout: equal to about 3 significant digits
+        torch.testing.assert_close(model(ids).logits, reference, rtol=2e-2, atol=5e-3)
+
+
+def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, monkeypatch):
+    """A QLoRA run on a simulated AVX512-BF16 CPU: every no-grad forward of a 4-bit layer in eval mode leaves the
+    layer repacked, as bitsandbytes does there (its own repacking function; the output is computed the portable
+    way, so this runs on any CPU). The baseline eval before the adapter is added and the evals after steps 1 and
+    2 all repack every layer; no training forward may meet a repacked layer."""
+    import copy
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import train
+
+    plain = bnb.nn.Linear4bit.forward
+    events = Counter()
+
+    def forward(self, x):
+        state, was_packed = self.weight.quant_state, packed(self)
+        if self.training and torch.is_grad_enabled():
+            events["training forward on a repacked layer" if was_packed else "training forward"] += 1
+        self.support_avx512bf16_for_cpu = False  # bitsandbytes' own repacking and kernel stay out of it
+        if was_packed:  # compute from an unpacked copy: the packed kernel exists only on AVX512-BF16 CPUs
+            keep = self.weight.data
+            self.weight.data, self.weight.quant_state = _convert_weight_packed_for_cpu_inverse(keep, copy.copy(state))
+        try:
+            out = plain(self, x)
+        finally:
+            if was_packed:
+                self.weight.data, self.weight.quant_state = keep, state
+        if not self.training and not x.requires_grad and not was_packed:
+            self.weight.data, self.weight.quant_state = _convert_weight_packed_for_cpu(self.weight.data, state)
+            events["repacked"] += 1
+        return out
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
+    overrides = ["method.name=qlora", "training.max_steps=2", "training.eval_steps=1", "training.precision=fp32"]
+    summary = train.run(recipes.load(tiny_recipe, overrides), samples=0)
+    assert summary["steps"] == 2
+    layers = 2 * 7  # the tiny Llama's 4-bit linear layers: q, k, v, o, gate, up, down in each of 2 layers
+    assert events["training forward"] > 0 and events["repacked"] == 3 * layers, events  # 3 evals, each repacked all
+    assert events["training forward on a repacked layer"] == 0, events
+
+
+@pytest.mark.skipif(
+    not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+    reason="this CPU has no AVX512-BF16: bitsandbytes does not repack here (the tests above force it)",
+)
+def test_bitsandbytes_repacks_on_this_cpu_and_restoring_keeps_the_function(tiny_model_dir):
+    """Where the instruction exists: a real eval forward repacks (what the tests above simulate), and after
+    `restore_training_layout` the training forward computes what the packed kernel computed."""
     from finetune_cli import methods, models
     from finetune_cli.recipe import QloraMethod
 
     model = models.load_model(str(tiny_model_dir), quantization=methods.quantization_config(QloraMethod(), "float32"))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.eval()
     with torch.no_grad():
         reference = model(ids).logits
-    layer = model.model.layers[0].self_attn.q_proj
-    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    layers = four_bit_layers(model)
+    assert all(packed(layer) for layer in layers)
     methods.restore_training_layout(model)
-    assert not layer.weight.quant_state.packing_format_for_cpu
+    assert not any(packed(layer) for layer in layers)
     model.train()
     with torch.no_grad():
         # the same function again (the packed kernel computes in bf16, hence the tolerance)

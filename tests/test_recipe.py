@@ -119,11 +119,40 @@ def test_method_fields_belong_to_their_method(tmp_path, method, message):
     assert message in str(err.value)
 
 
+LORA_DEFAULTS = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": "all-linear",
+    "use_dora": False,
+    "use_rslora": False,
+    "modules_to_save": None,
+}
+METHOD_DEFAULTS = {  # the README's recipe reference, written out by hand
+    "lora": {"name": "lora", **LORA_DEFAULTS},
+    "qlora": {
+        "name": "qlora",
+        **LORA_DEFAULTS,
+        "bits": 4,
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "auto",
+    },
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 20, "init_text": None},
+    "full": {"name": "full"},
+}
+
+
 def test_each_method_validates_with_defaults(tmp_path):
-    for name in ("lora", "qlora", "prompt_tuning", "full"):
+    """Each method name gets its own fields, each at the documented default, and nothing of another method."""
+    for name, defaults in METHOD_DEFAULTS.items():
         r = recipe.load(write(tmp_path, GOOD + f"method:\n  name: {name}\n"))
-        assert r.method.name == name
-    assert recipe.load(write(tmp_path, GOOD + "method:\n  r: 4\n")).method.name == "lora"
+        assert r.method.model_dump() == defaults, name
+    # no name: LoRA, with the one field given and the other defaults
+    assert recipe.load(write(tmp_path, GOOD + "method:\n  r: 4\n")).method.model_dump() == {
+        **METHOD_DEFAULTS["lora"],
+        "r": 4,
+    }
     r = recipe.load(write(tmp_path, GOOD), ["method.name=qlora", "method.bits=8"])
     assert r.method.bits == 8 and r.method.quant_type == "nf4"
 
