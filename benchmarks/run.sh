@@ -16,6 +16,9 @@ tmp=$(mktemp)
   if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     "$py" benchmarks/gpu_throughput.py --repeats "${REPEATS:-2}"
   fi
+  if [ "${GGUF_LLAMACPP:-0}" = 1 ]; then   # builds llama-cpp-python once (~10 min on 2 cores)
+    "$py" benchmarks/gguf_llamacpp.py
+  fi
   cat benchmarks/notes.md
 } > "$tmp"
 mv "$tmp" BENCHMARKS.md

@@ -207,6 +207,40 @@ def merge_adapter(
     )
 
 
+@app.command("export")
+def export_(
+    target: str = typer.Argument(..., help="Run directory, adapter folder, merged/HF model folder or base name."),
+    format_: str = typer.Option(..., "--format", help="Output format: gguf."),
+    quant: str = typer.Option("q8_0", "--quant", help="f32 | f16 | bf16 | q8_0 | q5_0 | q5_1 | q4_0 | q4_1."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf, Modelfile and README."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output folder an earlier export wrote."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Load the file back with transformers and compare."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Export TARGET (adapters merged in float32 first) for llama.cpp, Ollama and LM Studio, and check the file."""
+    if format_ != "gguf":
+        raise FtuneError(f"--format: {format_!r}; expected gguf")
+    from finetune_cli import gguf_export
+
+    result = gguf_export.export(target, str(output), quant, overwrite, check)
+
+    def render(r):
+        c = r.get("check")
+        checked = (
+            f"; check: tokenization identical, next-token agreement {c['agreement']:.3f} over {c['positions']} "
+            f"positions (>= {c['threshold']})"
+            if c
+            else "; not checked (--no-check)"
+        )
+        sys.stderr.write(
+            f"wrote {r['file']} ({r['size_bytes'] / 2**20:.1f} MiB, {r['quant']}, {r['seconds']:.1f} s, "
+            f"peak RSS {r['peak_rss_mib']} MiB){checked}\n"
+            f"run it: llama-cli -m {r['file']} -cnv  |  ollama create NAME -f {r['output']}/Modelfile\n"
+        )
+
+    _emit(result, as_json, render)
+
+
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="Run directory, adapter folder, merged/HF model folder or base name."),

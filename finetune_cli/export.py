@@ -34,24 +34,11 @@ def merge(
             f"{source}: no adapter here (no adapter_config.json); give a run directory or an adapter folder"
         )
     adapter = found.adapter
-    config = rundir.read_json(adapter / "adapter_config.json", "an adapter folder needs PEFT's config")
-    if config.get("peft_type") != "LORA":
-        raise FtuneError(
-            f"{adapter}: a {config.get('peft_type', 'non-LoRA').lower()} adapter cannot be merged: it adds virtual "
-            "tokens in front of the input rather than changing weights. Use the adapter folder itself with "
-            "peft.PeftModel.from_pretrained(base, adapter)"
-        )
+    check_lora(adapter)
     out = Path(output).expanduser()
     rundir.check_output(out, "merge", overwrite, "--output")
-    base_name, source_path = found.base, found.weights
-    tokenizer = models.load_tokenizer(str(adapter), None, found.trust_remote_code, require_template=False)
-    # Full precision (or the asked dtype) for every method: a QLoRA adapter is never merged into 4-bit weights.
-    model = models.load_model(source_path, dtype, found.trust_remote_code)
-    _check_shapes(model, adapter, base_name)
-
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    base_name = found.base
+    merged, tokenizer = merged_model(found, dtype)
     eos = end_of_turn_ids(tokenizer)
     merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -64,6 +51,31 @@ def merge(
         rundir.check_output(out, "merge", overwrite, "--output")  # again: something may have appeared meanwhile
         rundir.replace_folder(tmp, out, "merge", [p.name for p in tmp.iterdir()])
     return {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
+
+
+def check_lora(adapter: Path) -> None:
+    """Only LoRA adapters change weights; prompt tuning (and other virtual-token methods) cannot be folded in."""
+    config = rundir.read_json(adapter / "adapter_config.json", "an adapter folder needs PEFT's config")
+    if config.get("peft_type") != "LORA":
+        raise FtuneError(
+            f"{adapter}: a {config.get('peft_type', 'non-LoRA').lower()} adapter cannot be merged: it adds virtual "
+            "tokens in front of the input rather than changing weights. Use the adapter folder itself with "
+            "peft.PeftModel.from_pretrained(base, adapter)"
+        )
+
+
+def merged_model(found: rundir.Target, dtype: str = "float32"):
+    """(model, tokenizer) for an opened target, any LoRA adapter folded into its base loaded at `dtype` (full
+    precision by default: never merged into 4-bit weights); the tokenizer carries the template training used."""
+    tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
+    model = models.load_model(found.weights, dtype, found.trust_remote_code)
+    if found.adapter is None:
+        return model, tokenizer
+    _check_shapes(model, found.adapter, found.base)
+
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(found.adapter)).merge_and_unload(), tokenizer
 
 
 def _check_shard_size(size: str) -> None:

@@ -92,3 +92,32 @@ class ValidateReport(_Result):
     warnings: list[str]
     stats: dict[str, Any]
     ok: bool
+
+
+class ExportCheck(_Result):
+    """The GGUF read back by transformers' loader: probe tokenization and next-token argmax vs the source model."""
+
+    tokens_equal: bool
+    positions: int
+    agreement: float
+    threshold: float
+    passed: bool
+
+
+class ExportResult(_Result):
+    """`ftune export` (and its --json)."""
+
+    output: str
+    file: str
+    format: str
+    quant: str
+    architecture: str
+    base: str
+    method: str | None = None
+    template: str | None = None  # the builtin family the chat template renders like (Modelfile TEMPLATE), or None
+    end_of_turn: list[str]
+    tensors: int
+    size_bytes: int
+    seconds: float
+    peak_rss_mib: int
+    check: ExportCheck | None = None
