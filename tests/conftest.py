@@ -93,3 +93,73 @@ output:
         encoding="utf-8",
     )
     return recipe
+
+
+# Trained runs of the builtin model, shared by every test that needs one (each is trained once per session).
+
+
+def train_builtin(folder: Path, recipe: str, *overrides: str) -> tuple[Path, dict]:
+    """A few steps of a shipped recipe on four short conversations (one batch, seen every step: the loss falls)."""
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say the code word {i}."},
+                {"role": "assistant", "content": f"Zebra-{i}!"},
+            ]
+        }
+        for i in range(4)
+    ]
+    data = write_jsonl(folder / "small.jsonl", rows)
+    sets = [
+        f"output.dir={folder / 'run'}",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "training.max_steps=4",
+        "training.batch_size=4",
+        "training.logging_steps=1",
+        "training.warmup_ratio=0",
+        "training.lr_scheduler=constant",
+        *overrides,
+    ]
+    args = ["train", str(ROOT / "recipes" / recipe), "--json", "--samples", "0"]
+    result = CliRunner().invoke(app, args + [x for s in sets for x in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    return folder / "run", json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def qlora_run(tmp_path_factory, builtin_dir) -> tuple[Path, dict]:
+    """4-bit QLoRA on the builtin model (test_methods checks the training, test_export the merge)."""
+    return train_builtin(tmp_path_factory.mktemp("qlora"), "smollm2-qlora.yaml", "training.learning_rate=2e-3")
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, builtin_dir) -> tuple[Path, dict, str]:
+    """The shipped quickstart recipe, trained by the real `ftune` command at fp32 (exact answers and 1e-4
+    agreements are checked at float32; `precision: auto` would use bf16 autocast on a CPU with native bf16)."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    ftune = Path(sys.executable).parent / "ftune"
+    recipe = [ROOT / "recipes" / "quickstart.yaml", "--set", f"output.dir={run}", "--set", "training.precision=fp32"]
+    out = subprocess.run([ftune, "train", *recipe, "--json"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return run, json.loads(out.stdout), out.stderr
+
+
+@pytest.fixture(scope="session")
+def quickstart_merged(quickstart_run, tmp_path_factory) -> Path:
+    """`ftune merge-adapter` of the quickstart run."""
+    import subprocess
+    import sys
+
+    merged = tmp_path_factory.mktemp("quickstart-merged") / "merged"
+    ftune = Path(sys.executable).parent / "ftune"
+    out = subprocess.run([ftune, "merge-adapter", quickstart_run[0], "-o", merged], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return merged

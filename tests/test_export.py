@@ -7,7 +7,6 @@ import torch
 from typer.testing import CliRunner
 
 from finetune_cli.cli import app
-from tests.conftest import ROOT, conversation, write_jsonl
 
 runner = CliRunner()
 PROMPTS = [
@@ -18,30 +17,6 @@ PROMPTS = [
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def quick_run(tmp_path, recipe, name):
-    data = write_jsonl(tmp_path / "d.jsonl", [conversation(i) for i in range(4)])
-    result = invoke(
-        "train",
-        ROOT / "recipes" / recipe,
-        "--samples",
-        "0",
-        "--set",
-        f"output.dir={tmp_path / name}",
-        "--set",
-        f"data.train={data}",
-        "--set",
-        f"data.eval={data}",
-        "--set",
-        "training.max_steps=2",
-        "--set",
-        "training.batch_size=4",
-        "--set",
-        "training.learning_rate=5e-3",
-    )
-    assert result.exit_code == 0, result.output
-    return tmp_path / name
 
 
 def batch_logits(model, tok):
@@ -67,13 +42,10 @@ def plain_peft(base_dir, adapter):
 
 
 @pytest.mark.slow
-def test_lora_merge_matches_plain_peft(tmp_path, builtin_dir):
+def test_lora_merge_matches_plain_peft(quickstart_run, quickstart_merged, builtin_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = quick_run(tmp_path, "quickstart.yaml", "lora")
-    result = invoke("merge-adapter", run, "--output", tmp_path / "merged", "--json")
-    assert result.exit_code == 0, result.output
-    merged_dir = tmp_path / "merged"
+    run, merged_dir = quickstart_run[0], quickstart_merged  # the shared quickstart run and its merge
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     assert (merged_dir / "chat_template.jinja").is_file()
     card = (merged_dir / "README.md").read_text()
@@ -92,13 +64,13 @@ def test_lora_merge_matches_plain_peft(tmp_path, builtin_dir):
 
 
 @pytest.mark.slow
-def test_qlora_merges_into_full_precision_weights(tmp_path, builtin_dir):
+def test_qlora_merges_into_full_precision_weights(tmp_path, builtin_dir, qlora_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune_cli import methods, models
     from finetune_cli.recipe import QloraMethod
 
-    run = quick_run(tmp_path, "smollm2-qlora.yaml", "qlora")
+    run = qlora_run[0]
     result = invoke("merge-adapter", run, "--output", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

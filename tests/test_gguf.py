@@ -106,10 +106,27 @@ def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, tiny_mode
     assert "No TEMPLATE" in (out / "Modelfile").read_text()  # SmolLM2's own template is no builtin family
 
 
-def test_qwen2_q8_0_round_trip_with_biases_and_untied_head(tmp_path, tmp_path_factory, tokenizer):
-    info = exported(export(tiny(tmp_path_factory, tokenizer, "qwen2"), tmp_path / "gguf"))
-    assert info["quant"] == "q8_0" and info["architecture"] == "qwen2"
-    assert info["check"]["tokens_equal"] and info["check"]["agreement"] >= 0.97
+def test_qwen2_q8_0_with_biases_and_untied_head(tmp_path, tmp_path_factory, tokenizer):
+    """Read back with gguf-py and compared with the source weights (the transformers round trip runs for the llama
+    file and the LoRA run; a third one here would cost ~20 s of the suite): q/k/v biases exact, Q8_0 weights
+    within the format's rounding (a 1/127 step of each 32-value block's largest magnitude)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.numpy import load_file
+
+    source = tiny(tmp_path_factory, tokenizer, "qwen2")
+    info = exported(export(source, tmp_path / "gguf", "--no-check"))
+    assert info["quant"] == "q8_0" and info["architecture"] == "qwen2" and info["check"] is None
+    weights = load_file(source / "model.safetensors")
+    tensors = {t.name: t for t in GGUFReader(info["file"]).tensors}
+    bias = tensors["blk.0.attn_v.bias"]
+    np.testing.assert_array_equal(np.asarray(bias.data), weights["model.layers.0.self_attn.v_proj.bias"])
+    down = tensors["blk.1.ffn_down.weight"]
+    got = dequantize(down.data, down.tensor_type).reshape(weights["model.layers.1.mlp.down_proj.weight"].shape)
+    want = weights["model.layers.1.mlp.down_proj.weight"]
+    step = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - want).reshape(-1, 32) <= step * 0.6 + 1e-7).all()
     meta = fields(Path(info["file"]))
     assert meta["general.architecture"] == "qwen2"
     tensors = meta["tensors"]

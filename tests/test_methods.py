@@ -9,61 +9,18 @@ import torch
 from typer.testing import CliRunner
 
 from finetune_cli.cli import app
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, train_builtin
 
 runner = CliRunner()
 PROMPT = "Order for Ana Ruiz: 2 x mug (red), deliver to Oslo, deadline Monday."
 
 
-def small_data(folder):
-    """Four short conversations: one batch, seen every step, so the loss must fall."""
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Say the code word {i}."},
-                {"role": "assistant", "content": f"Zebra-{i}!"},
-            ]
-        }
-        for i in range(4)
-    ]
-    return write_jsonl(folder / "small.jsonl", rows)
-
-
 def train(tmp_path, recipe, *overrides):
-    data = small_data(tmp_path)
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            str(ROOT / "recipes" / recipe),
-            "--json",
-            "--samples",
-            "0",
-            "--set",
-            f"output.dir={tmp_path / 'run'}",
-            "--set",
-            f"data.train={data}",
-            "--set",
-            f"data.eval={data}",
-            "--set",
-            "training.max_steps=4",
-            "--set",
-            "training.batch_size=4",
-            "--set",
-            "training.logging_steps=1",
-            "--set",
-            "training.warmup_ratio=0",
-            "--set",
-            "training.lr_scheduler=constant",
-            *overrides,
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["method"] == json.loads((tmp_path / "run" / "run.json").read_text())["method"]
+    """A few steps of a shipped recipe (tests/conftest.py: train_builtin); `--set` pairs as on the command line."""
+    run, summary = train_builtin(tmp_path, recipe, *[o for o in overrides if o != "--set"])
     assert summary["final_loss"] < summary["first_loss"], summary  # the loss falls
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
-    return tmp_path / "run", summary
+    return run, summary
 
 
 def logits(model, tok):
@@ -105,7 +62,7 @@ def test_lora_with_dora_and_rslora(tmp_path, builtin_dir, base_logits):
 
 
 @pytest.mark.slow
-def test_qlora_base_is_4bit(tmp_path, builtin_dir, base_logits):
+def test_qlora_base_is_4bit(qlora_run, builtin_dir, base_logits):
     from transformers import AutoModelForCausalLM
 
     from finetune_cli import methods, models
@@ -117,7 +74,9 @@ def test_qlora_base_is_4bit(tmp_path, builtin_dir, base_logits):
     # 4-bit linear layers; the (tied) embedding stays full precision, so about a third of fp32 for this small model
     assert quantized.get_memory_footprint() < 0.4 * full.get_memory_footprint()
 
-    run, summary = train(tmp_path, "smollm2-qlora.yaml", "--set", "training.learning_rate=2e-3")
+    run, summary = qlora_run  # the shared 4-step QLoRA run (tests/conftest.py), as train() below runs it
+    assert summary["method"] == "qlora" and summary["final_loss"] < summary["first_loss"]
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
     # as fast as LoRA on one repeated batch (bitsandbytes' CPU repacking after the baseline eval once made it crawl)
     assert summary["final_loss"] < 0.3 * summary["first_loss"], summary
     record = json.loads((run / "adapter" / "ftune.json").read_text())

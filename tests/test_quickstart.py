@@ -12,19 +12,13 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_learns(tmp_path, builtin_dir):
+def test_quickstart_recipe_learns(quickstart_run, quickstart_merged, builtin_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = tmp_path / "quickstart"
+    run, summary, stderr = quickstart_run  # the real `ftune train` of the shipped recipe (at fp32), shared
     ftune = Path(sys.executable).parent / "ftune"
-    # fp32 on every CPU: the exact answers and the 1e-4 agreements below are checked at float32 (the shipped
-    # `precision: auto` would train under bf16 autocast on a CPU with native bf16)
-    recipe = [ROOT / "recipes" / "quickstart.yaml", "--set", f"output.dir={run}", "--set", "training.precision=fp32"]
-    out = subprocess.run([ftune, "train", *recipe, "--json"], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr
-    assert "Traceback" not in out.stderr
-    summary = json.loads(out.stdout)
+    assert "Traceback" not in stderr
     before, after = summary["eval_before"], summary["eval_after"]
     assert after["loss"] < 0.5 * before["loss"]  # the eval loss falls clearly
     assert summary["samples"][0]["tuned"].startswith('{"name": ')  # answers in the trained JSON shape
@@ -45,9 +39,7 @@ def test_quickstart_recipe_learns(tmp_path, builtin_dir):
 
     # the merged model stops at the end-of-turn token instead of running to max_new_tokens (SmolLM2's EOS is
     # <|im_end|> already; test_export checks merge-adapter's rewrite with an EOS that differs from it)
-    merged = tmp_path / "merged"
-    out = subprocess.run([ftune, "merge-adapter", run, "-o", merged], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    merged = quickstart_merged  # `ftune merge-adapter` of the run
     model = AutoModelForCausalLM.from_pretrained(merged)
     tok = AutoTokenizer.from_pretrained(merged)
     prompt = tok.apply_chat_template(

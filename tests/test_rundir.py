@@ -215,10 +215,22 @@ def interrupted_run(recipe, out, at_step):
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
 
-def test_torn_metrics_line_and_resume(setup, tmp_path):
-    recipe, _ = setup
-    out = tmp_path / "run"
-    interrupted_run(recipe, out, at_step=3)
+@pytest.fixture(scope="module")
+def interrupted(setup, tmp_path_factory):
+    """One run stopped inside step 3 (checkpoints 1 and 2 saved); each test works on its own copy."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    interrupted_run(setup[0], out, at_step=3)
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_torn_metrics_line_and_resume(interrupted, tmp_path):
+    out = copy_of(interrupted, tmp_path)
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "lo')  # what kill -9 in the middle of a write leaves
     result = runner.invoke(app, ["train", str(out), "--resume", "--samples", "0"])
@@ -237,10 +249,9 @@ def test_trim_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n'
 
 
-def test_a_folder_with_only_checkpoints(setup, tmp_path):
+def test_a_folder_with_only_checkpoints(setup, interrupted, tmp_path):
     recipe, _ = setup
-    out = tmp_path / "run"
-    interrupted_run(recipe, out, at_step=3)
+    out = copy_of(interrupted, tmp_path)
     for name in ("run.json", "recipe.yaml", ".ftune", "metrics.jsonl"):
         (out / name).unlink()
     args = ["--set", f"output.dir={out}", "--set", "training.max_steps=4"]
@@ -283,9 +294,7 @@ def test_signal_during_final_samples_completes_the_run(setup, tmp_path, monkeypa
 def test_resume_of_an_interrupted_run_whose_adapter_is_saved(setup, tmp_path):
     """What older versions left after a signal during the samples: status interrupted, adapter saved, checkpoints
     and a stale .adapter.tmp. Resume finishes it."""
-    recipe, run = setup
-    out = tmp_path / "run"
-    assert train(recipe, "--set", f"output.dir={out}").exit_code == 0
+    out = copy_of(setup[1], tmp_path)
     info = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**info, "status": "interrupted", "reason": "SIGTERM at step 2"}))
     (out / ".adapter.tmp").mkdir()
@@ -432,12 +441,10 @@ def test_eval_json_keeps_one_result_per_data_set(setup):
     assert len(kept) == 1 and kept[0] == json.loads(second.stdout)
 
 
-def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(setup, tmp_path):
+def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(interrupted, tmp_path):
     """The optimizer, the schedule's shape and weight decay live in the checkpoint's optimizer and scheduler state:
     changing them on resume is refused even with --force (a changed learning rate is applied: test_promises)."""
-    recipe, _ = setup
-    out = tmp_path / "run"
-    interrupted_run(recipe, out, at_step=3)
+    out = copy_of(interrupted, tmp_path)
     before = snapshot(out)
     result = runner.invoke(
         app, ["train", str(out), "--resume", "--force", "--samples", "0", "--set", "training.optimizer=sgd"]
