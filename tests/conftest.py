@@ -123,6 +123,7 @@ def train_builtin(folder: Path, recipe: str, *overrides: str) -> tuple[Path, dic
         "training.logging_steps=1",
         "training.warmup_ratio=0",
         "training.lr_scheduler=constant",
+        "training.precision=fp32",  # about what each method trains and saves, not precision: same on every CPU
         *overrides,
     ]
     args = ["train", str(ROOT / "recipes" / recipe), "--json", "--samples", "0"]

@@ -21,6 +21,15 @@ FTUNE = Path(sys.executable).parent / "ftune"
 STEPS = 4
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: test runs side by side on one machine must not meet at 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ftune(*args, **kw):
     return subprocess.run([FTUNE, *map(str, args)], capture_output=True, text=True, timeout=400, **kw)
 
@@ -39,8 +48,7 @@ def recipe_file(tmp_path_factory, tiny_model_dir) -> Path:
         f"model:\n  base: {tiny_model_dir}\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n  max_length: 128\n"
         "method:\n  name: lora\n  r: 8\n  dropout: 0.0\n"
         f"training:\n  max_steps: {STEPS}\n  batch_size: 2\n  learning_rate: 1.0e-2\n  save_steps: 2\n"
-        "  precision: fp32\n"
-        f"output:\n  dir: {folder / 'unused'}\n"
+        f"  precision: fp32\ndistributed:\n  main_process_port: {free_port()}\noutput:\n  dir: {folder / 'unused'}\n"
     )
     return path
 
@@ -145,7 +153,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(two_processes, one
 @pytest.mark.slow
 def test_torchrun_runs_each_process_as_one_rank(two_processes, recipe_file):
     out_dir = recipe_file.parent / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     cmd += ["-m", "finetune_cli", "train", str(recipe_file), "--samples", "0", "--set", f"output.dir={out_dir}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr

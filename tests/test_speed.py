@@ -31,13 +31,15 @@ def setup(tmp_path_factory, tiny_model_dir):
 
 
 def trainer_for(setup, tiny_model_dir, tmp_path, **training):
+    """The trainer ftune builds for these examples, at fp32 on every CPU: the tests compare packed and unpacked,
+    whole and split computations at float32 tolerances."""
     folder, tokenizer, examples = setup
     recipe = recipes.Recipe.model_validate(
         {
             "model": {"base": str(tiny_model_dir)},
             "data": {"train": str(folder / "train.jsonl")},
             "method": {"name": "lora", "r": 4, "dropout": 0.0},
-            "training": {"batch_size": 4, "gradient_accumulation": 2, "epochs": 1, **training},
+            "training": {"batch_size": 4, "gradient_accumulation": 2, "epochs": 1, "precision": "fp32", **training},
             "output": {"dir": str(tmp_path / "run")},
         }
     )
