@@ -134,7 +134,10 @@ def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool 
     if resume or not path.exists() or not _contents(path):
         return
     foreign = _foreign(path, kind)
-    ours = (is_run(path) or (path / CHECKPOINTS).is_dir()) if kind == "run" else read_marker(path) is not None
+    marker = read_marker(path) or {}
+    if kind != "run" and marker.get("kind") not in (None, kind):  # another command's output: never replaced here
+        raise FtuneError(f"{key}: {path} holds a {marker['kind']} output of ftune, not a {kind}; choose another {key}")
+    ours = (is_run(path) or (path / CHECKPOINTS).is_dir()) if kind == "run" else bool(marker)
     if foreign or not ours:
         shown = foreign or _contents(path)
         raise FtuneError(

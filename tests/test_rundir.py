@@ -136,6 +136,12 @@ def test_merge_overwrite_replaces_its_own_output_only(setup, tmp_path):
     refused = runner.invoke(app, ["merge-adapter", str(run), "-o", str(out), "--overwrite"])
     assert refused.exit_code == 2 and "my-eval.txt" in error_line(refused) and (out / "my-eval.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left
+    gguf = tmp_path / "gguf"  # another command's output, marked as ftune's: merge --overwrite leaves it alone
+    gguf.mkdir()
+    (gguf / ".ftune").write_text(json.dumps({"kind": "gguf", "files": ["m.gguf"]}))
+    (gguf / "m.gguf").write_bytes(b"gguf")
+    other = runner.invoke(app, ["merge-adapter", str(run), "-o", str(gguf), "--overwrite"])
+    assert other.exit_code == 2 and "gguf output" in error_line(other) and (gguf / "m.gguf").read_bytes() == b"gguf"
 
 
 def test_two_runs_into_one_folder(setup, tmp_path):
