@@ -26,14 +26,14 @@ def tokenizer(builtin_dir):
     return AutoTokenizer.from_pretrained(builtin_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, builtin_dir, tokenizer) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a local HF folder."""
+def tiny_model(path: Path, tokenizer, kind: str = "llama", tied: bool = True) -> Path:
+    """A 2-layer random model of `kind` (llama, mistral, qwen2...) with SmolLM2's tokenizer, saved in `path`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        kind,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -41,15 +41,20 @@ def tiny_model_dir(tmp_path_factory, builtin_dir, tokenizer) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, builtin_dir, tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a local HF folder."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def conversation(i: int, system: bool = True, turns: int = 1) -> dict:

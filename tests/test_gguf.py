@@ -13,7 +13,7 @@ from finetune_cli import gguf_export
 from finetune_cli.cli import app
 from finetune_cli.data import templates
 from finetune_cli.data.masking import render
-from tests.conftest import conversation, write_jsonl
+from tests.conftest import conversation, tiny_model, write_jsonl
 
 runner = CliRunner()
 
@@ -28,29 +28,8 @@ def exported(result) -> dict:
 
 
 def tiny(tmp_path_factory, tokenizer, kind: str) -> Path:
-    """A 2-layer random model of `kind` with SmolLM2's tokenizer (qwen2 with an untied output head)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        kind,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=kind != "qwen2",  # one untied head: the output tensor is written and checked too
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp(f"tiny-{kind}")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny random model of `kind` (qwen2 with an untied head: the output tensor is written and checked too)."""
+    return tiny_model(tmp_path_factory.mktemp(f"tiny-{kind}"), tokenizer, kind, tied=kind != "qwen2")
 
 
 @pytest.fixture(scope="module")
