@@ -31,7 +31,7 @@ def run(
     if (compare_base or base_only) and found.kind == "model":
         raise FtuneError(f"--compare-base and --base need a run directory or an adapter; {target} is a model")
     if data:
-        names = [str(f) for f in data]
+        names = [str(Path(f).resolve()) for f in data]  # one eval.json entry per file, however it is named
         d = recipe.data if recipe else None
         # extra data is read the way the run reads its own: its format, columns and system prompt
         read = (lambda f: jsonl.read(f, d.format, d.columns, d.system_prompt)) if d else jsonl.read
