@@ -92,7 +92,7 @@ def export(target: str, out: str, quant: str = "q8_0", overwrite: bool = False, 
     model, tokenizer = merged_model(found, "float32")
     name = _safe_name(found)
     filename = f"{name}-{quant}.gguf"
-    family = _template_family(tokenizer)
+    family, default_system = template_family(tokenizer)
     eot = _end_of_turn(tokenizer)
     probe = _probe_ids(tokenizer) if check else None
     expected = _source_predictions(model, probe) if check else None
@@ -102,7 +102,8 @@ def export(target: str, out: str, quant: str = "q8_0", overwrite: bool = False, 
         gc.collect()
         size = (tmp / filename).stat().st_size
         _check_file(tmp / filename, plan, config, tokenizer, eot)
-        files.write_text(tmp / "Modelfile", modelfile(filename, tokenizer, family, eot, _system_prompt(found)))
+        system = _system_prompt(found) or default_system
+        files.write_text(tmp / "Modelfile", modelfile(filename, tokenizer, family, eot, system))
         result_check = None
         if check:
             result_check = _check_runtime(tmp, filename, tokenizer, probe, expected, quant)
@@ -155,9 +156,9 @@ def _check_config(found: rundir.Target):
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
+    if rope_type not in ("default", "linear", "llama3"):
         raise FtuneError(
-            f"{found.name}: rope scaling '{rope_type}' is not exported by ftune yet (only default and linear); "
+            f"{found.name}: rope scaling '{rope_type}' is not exported by ftune yet (default, linear, llama3); "
             "use llama.cpp's convert_hf_to_gguf.py on a merged folder (ftune merge-adapter)"
         )
     return config
@@ -283,6 +284,12 @@ def _write(path: Path, model, config, tokenizer, vocab: dict, quant: str, name: 
             writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         plan[gname] = (shape, qtype.name)
         getters.append((get, qtype))
+    factors = _rope_factors(config)
+    if factors is not None:  # Llama 3.1+: llama.cpp divides each rotary frequency by its factor
+        gname = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor_info(gname, factors.shape, factors.dtype, factors.nbytes)
+        plan[gname] = (tuple(factors.shape), gguf.GGMLQuantizationType.F32.name)
+        getters.append((lambda: factors, gguf.GGMLQuantizationType.F32))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -299,6 +306,22 @@ def _write(path: Path, model, config, tokenizer, vocab: dict, quant: str, name: 
     finally:
         writer.close()
     return plan
+
+
+def _rope_factors(config):
+    """For llama3 rope scaling, the per-frequency divisors llama.cpp reads from its `rope_freqs` tensor: the
+    default inverse frequencies over transformers' own llama3-scaled ones. None for other rope types."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    default = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    return (default / scaled.double().numpy()).astype(np.float32)
 
 
 def _metadata(writer, config, quant: str, name: str, found) -> None:
@@ -419,6 +442,25 @@ def _source_predictions(model, ids: list[int]) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+def _apply_rope_freqs(model, path: Path) -> None:
+    """transformers' GGUF loader ignores the `rope_freqs` tensor; apply the file's factors as llama.cpp does (each
+    rotary frequency divided by its factor) so the check runs what llama.cpp would."""
+    import torch
+    from gguf import GGUFReader
+
+    tensor = next((t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return
+    factors = torch.tensor(tensor.data.copy(), dtype=torch.float32)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    default = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = (default / factors.double()).float()
+    rotary.original_inv_freq = rotary.inv_freq
+
+
 def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], expected: list[int], quant: str):
     """transformers' own GGUF loader (an independent reader) must tokenize like the source tokenizer and predict
     the same next tokens on the probe text, to within the quant's threshold."""
@@ -430,6 +472,7 @@ def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], exp
         loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a file transformers cannot read is a failed export
         raise FtuneError(f"GGUF check failed: transformers cannot load the file ({exc})", FAILED) from None
+    _apply_rope_freqs(loaded, folder / filename)
     ids = loaded_tokenizer(_probe_text(tokenizer), add_special_tokens=False)["input_ids"]
     tokens_equal = ids == probe
     with torch.no_grad():
@@ -462,8 +505,10 @@ def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], exp
 
 
 # Ollama (Go text/template) equivalents of ftune's builtin templates, for conversations that end with a user turn
-# (Ollama appends the model's reply). Gemma and Mistral fold the system text into the first user turn, which needs
-# more template logic than we verify: they get no TEMPLATE (Ollama then uses the GGUF's own chat template).
+# (Ollama appends the model's reply). Ollama gives a Messages template every message, system ones included, and
+# `.System`, the system messages joined; a Modelfile's SYSTEM becomes the first message when a request has none.
+# {{ $.BOS }} and {{ $.EOS }} are replaced by the tokenizer's own tokens when the Modelfile is written.
+_FIRST_TURN_SYSTEM = "{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}"  # system text opens turn one
 OLLAMA_TEMPLATES = {
     "chatml": (
         "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
@@ -472,6 +517,17 @@ OLLAMA_TEMPLATES = {
         "<|begin_of_text|>{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
         "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
+    "mistral": (
+        '{{ $.BOS }}{{ range $i, $_ := .Messages }}{{ if eq .Role "user" }}[INST] '
+        + _FIRST_TURN_SYSTEM
+        + '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }} {{ .Content }}{{ $.EOS }}{{ end }}{{ end }}'
+    ),
+    "gemma": (
+        '{{ $.BOS }}{{ range $i, $_ := .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
+        + _FIRST_TURN_SYSTEM
+        + '{{ .Content }}<end_of_turn>\n{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}'
+        "<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n"
+    ),
     "zephyr": "{{ range .Messages }}<|{{ .Role }}|>\n{{ .Content }}{{ $.EOS }}\n{{ end }}<|assistant|>\n",
     "alpaca": (
         '{{ range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
@@ -479,41 +535,51 @@ OLLAMA_TEMPLATES = {
         "{{ else }}### Response:\n{{ .Content }}{{ $.EOS }}\n\n{{ end }}{{ end }}### Response:\n"
     ),
 }
+_PROBES = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}],
+]
 
 
-def _template_family(tokenizer) -> str | None:
-    """The builtin template family the tokenizer's chat template renders like, on conversations with and without a
-    system message (so a copy with other whitespace in its source still counts), or None."""
+def template_family(tokenizer) -> tuple[str | None, str | None]:
+    """(family, default system prompt): the builtin template family whose rendering equals the tokenizer's chat
+    template on conversations with and without a system message, where a template that writes a system turn of
+    its own when there is none (SmolLM2's) counts as the family with that default; (None, None) if none does."""
     from finetune_cli.data import templates
     from finetune_cli.data.masking import render
 
     current = tokenizer.chat_template
     if not current:
-        return None
-    probes = [
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-    ]
+        return None, None
     try:
-        wanted = [render(tokenizer, m, add_generation_prompt=True) for m in probes]
+        wanted = [render(tokenizer, m, add_generation_prompt=True) for m in _PROBES]
     except Exception:  # noqa: BLE001 - a template that cannot render these has no known equivalent
-        return None
+        return None, None
+    mark = "\x00SYSTEM\x00"
     for family in OLLAMA_TEMPLATES:
         tokenizer.chat_template = templates.TEMPLATES[family]
         try:
-            same = [render(tokenizer, m, add_generation_prompt=True) for m in probes] == wanted
+            bare = _PROBES[2]
+            before, _, after = render(tokenizer, [{"role": "system", "content": mark}, *bare], True).partition(mark)
+            default = None
+            alone = wanted[2]
+            if render(tokenizer, bare, True) != alone and alone.startswith(before) and alone.endswith(after):
+                default = alone[len(before) : len(alone) - len(after)] or None
+            system = [{"role": "system", "content": default}] if default else []
+            got = [render(tokenizer, m if m[0]["role"] == "system" else system + m, True) for m in _PROBES]
         except Exception:  # noqa: BLE001
-            same = False
+            got = None
         finally:
             tokenizer.chat_template = current
-        if same:
-            return family
-    return None
+        if got == wanted:
+            return family, default
+    return None, None
 
 
 def ollama_template(family: str, eos: str, add_bos: bool, bos: str | None) -> str:
     """The Ollama TEMPLATE for a family; a literal BOS is left to the runtime when the GGUF says to add one."""
-    text = OLLAMA_TEMPLATES[family].replace("{{ $.EOS }}", eos)
+    text = OLLAMA_TEMPLATES[family].replace("{{ $.EOS }}", eos).replace("{{ $.BOS }}", bos or "")
     if add_bos and bos and text.startswith(bos):
         text = text[len(bos) :]
     return text
@@ -521,7 +587,7 @@ def ollama_template(family: str, eos: str, add_bos: bool, bos: str | None) -> st
 
 def modelfile(filename: str, tokenizer, family: str | None, eot: list[int], system: str | None) -> str:
     """Ollama's Modelfile: the file, its TEMPLATE where ftune knows an equivalent, one stop per end-of-turn token,
-    and the recipe's system prompt."""
+    and the system prompt: the recipe's, else the one the chat template writes when a conversation has none."""
     lines = [f"FROM ./{filename}", ""]
     if family is not None:
         ids = tokenizer("a")["input_ids"]

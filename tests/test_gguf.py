@@ -82,7 +82,52 @@ def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, tiny_mode
     # the check's probe holds special tokens, unicode, digits and runs of whitespace: tokens_equal covers them
     probe = gguf_export._probe_text(tokenizer)
     assert "<|im_start|>" in probe and "我想" in probe and "1,000,000" in probe and "   " in probe and "\t" in probe
-    assert "No TEMPLATE" in (out / "Modelfile").read_text()  # SmolLM2's own template is no builtin family
+    # SmolLM2's own template is ChatML that writes a default system turn: TEMPLATE chatml, SYSTEM that default
+    modelfile = (out / "Modelfile").read_text()
+    assert info["template"] == "chatml" and "<|im_start|>{{ .Role }}" in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path, tmp_path_factory, tokenizer):
+    """Llama 3.1+ rope scaling: the rope_freqs tensor holds llama.cpp's converter's factors (its formula, written
+    out here), and the check applies them as llama.cpp does, giving transformers' own llama3 frequencies."""
+    import math
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    source = tiny(tmp_path_factory, tokenizer, "llama")
+    config = json.loads((source / "config.json").read_text())
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope.update(high_freq_factor=4.0, original_max_position_embeddings=64)
+    config["rope_parameters"] = rope
+    (source / "config.json").write_text(json.dumps(config))
+    info = exported(export(source, tmp_path / "gguf", "--quant", "f32"))
+    assert info["check"]["passed"] and info["check"]["agreement"] >= 0.99
+    freqs = next(t for t in GGUFReader(info["file"]).tensors if t.name == "rope_freqs.weight")
+    want = []  # convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors
+    for freq in 1.0 / (10000.0 ** (np.arange(0, 16, 2) / 16)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < 64 / 4.0:
+            want.append(1.0)
+        elif wavelen > 64 / 1.0:
+            want.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            want.append(1 / ((1 - smooth) / 8.0 + smooth))
+    np.testing.assert_allclose(np.asarray(freqs.data), want, rtol=1e-5)
+    assert len(set(np.round(want, 3))) > 2  # the tiny context puts frequencies in all three bands
+    # the check runs the file as llama.cpp would: transformers' loader ignores rope_freqs, the check applies it,
+    # giving the rotary frequencies transformers computes for the source model's llama3 config
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file=Path(info["file"]).name)
+    plain = loaded.model.rotary_emb.inv_freq.clone()
+    gguf_export._apply_rope_freqs(loaded, Path(info["file"]))
+    want = AutoModelForCausalLM.from_pretrained(source).model.rotary_emb.inv_freq
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(plain, want)  # without the factors the frequencies would be wrong
 
 
 def test_qwen2_q8_0_with_biases_and_untied_head(tmp_path, tmp_path_factory, tokenizer):
@@ -145,12 +190,15 @@ def test_lora_run_is_merged_then_exported_with_modelfile_and_readme(tmp_path, lo
 
 
 def go_render(template: str, messages: list[dict]) -> str:
-    """Render the subset of Go's text/template the Modelfile uses: range .Messages, if/else if/else on
-    `eq .Role "x"`, .Role and .Content. Anything else fails the test."""
+    """Render the subset of Go's text/template the Modelfile uses, with Ollama's values (every message in
+    .Messages, system ones too; .System the system messages joined by a blank line): `range .Messages` and
+    `range $i, $_ := .Messages`, if/else if/else on `eq .Role "x"` and on `and $.System (eq $i N)`, .Role,
+    .Content and $.System. Anything else fails the test."""
     parts = re.split(r"({{.*?}})", template)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     pos = 0
 
-    def block(message, stop=("end",)):
+    def block(message, index):
         nonlocal pos
         out = []
         while pos < len(parts):
@@ -160,36 +208,48 @@ def go_render(template: str, messages: list[dict]) -> str:
                 out.append(part)
                 continue
             action = part[2:-2].strip()
-            if action in stop or action.startswith("else"):
+            if action == "end" or action.startswith("else"):
                 pos -= 1
                 return "".join(out)
-            if action == "range .Messages":
+            if action in ("range .Messages", "range $i, $_ := .Messages"):
                 start = pos
-                for m in messages:
+                for i, m in enumerate(messages):
                     pos = start
-                    out.append(block(m))
+                    out.append(block(m, i))
                     assert parts[pos] == "{{ end }}"
                     pos += 1
                 if not messages:
-                    block(None)
+                    block(None, None)
                     pos += 1
             elif action.startswith("if "):
-                out.append(branch(message, action))
+                out.append(branch(message, index, action))
             elif action == ".Role":
                 out.append(message["role"])
             elif action == ".Content":
                 out.append(message["content"])
+            elif action == "$.System":
+                out.append(system)
             else:
                 raise AssertionError(f"unexpected template action {action!r}")
         return "".join(out)
 
-    def branch(message, action):
+    def holds(action, message, index):
+        if action == "else":
+            return True
+        role = re.fullmatch(r'(?:else )?if eq \.Role "(\w+)"', action)
+        if role:
+            return message["role"] == role.group(1)
+        first = re.fullmatch(r"(?:else )?if and \$\.System \(eq \$i (\d+)\)", action)
+        if first:
+            return bool(system) and index == int(first.group(1))
+        raise AssertionError(f"unexpected condition {action!r}")
+
+    def branch(message, index, action):
         nonlocal pos
         taken, text = False, ""
         while True:
-            cond = re.fullmatch(r'(?:else )?if eq \.Role "(\w+)"', action)
-            hit = (not taken) and (cond is None or message["role"] == cond.group(1))
-            body = block(message)
+            hit = (not taken) and holds(action, message, index)
+            body = block(message, index)
             if hit:
                 taken, text = True, body
             action = parts[pos][2:-2].strip()
@@ -197,7 +257,7 @@ def go_render(template: str, messages: list[dict]) -> str:
             if action == "end":
                 return text
 
-    return block(None)
+    return block(None, None)
 
 
 @pytest.mark.parametrize("family", sorted(gguf_export.OLLAMA_TEMPLATES))
@@ -209,6 +269,21 @@ def test_modelfile_template_renders_like_the_chat_template(tokenizer, family, sy
     add_bos = False  # SmolLM2's tokenizer adds no BOS: the template writes all of it
     text = go_render(gguf_export.ollama_template(family, tok.eos_token, add_bos, tok.bos_token), messages)
     assert text == render(tok, messages, add_generation_prompt=True)
+
+
+def test_a_template_with_a_default_system_turn_maps_to_its_family_and_that_system(tokenizer):
+    """SmolLM2's own template writes a system turn when a conversation has none; Ollama puts the Modelfile's
+    SYSTEM first in such a conversation, so TEMPLATE chatml + SYSTEM renders exactly the same prompt."""
+    family, default = gguf_export.template_family(tokenizer)
+    assert family == "chatml" and default == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    template = gguf_export.ollama_template(family, tokenizer.eos_token, False, tokenizer.bos_token)
+    for system in (True, False):
+        messages = conversation(3, system=system, turns=2)["messages"] + [{"role": "user", "content": "More?"}]
+        ollama = messages if system else [{"role": "system", "content": default}, *messages]
+        assert go_render(template, ollama) == render(tokenizer, messages, add_generation_prompt=True)
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert gguf_export.template_family(tok) == (None, None)  # no known equivalent: no TEMPLATE
 
 
 def test_a_literal_bos_is_left_to_the_runtime_when_the_file_adds_one():
