@@ -24,6 +24,10 @@ demo: install
 	$(BIN)/ftune train recipes/quickstart.yaml --overwrite
 	$(BIN)/ftune eval runs/quickstart --compare-base
 	$(BIN)/ftune generate runs/quickstart --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_PROMPT)"
+	@echo
+	@echo "Next: run it in llama.cpp, Ollama or LM Studio (a checked GGUF file, about 45 s):"
+	@echo "  $(BIN)/ftune export runs/quickstart --format gguf -o gguf/quickstart"
+	@echo "  cd gguf/quickstart && ollama create quickstart -f Modelfile && ollama run quickstart"
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
