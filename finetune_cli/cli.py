@@ -172,11 +172,53 @@ def eval_(
     stride: Optional[int] = typer.Option(
         None, "--stride", min=1, help="Sliding-window step for long texts. Default: half the context."
     ),
+    generate: bool = typer.Option(
+        False, "--generate", help="Generate an answer to each conversation and score it (task metrics)."
+    ),
+    metrics: Optional[str] = typer.Option(
+        None, "--metrics", help="With --generate: exact_match,bleu,chrf,rouge_l,json_valid,json_match (default: all)."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="With --generate: tokens per answer."),
+    predictions: Optional[Path] = typer.Option(
+        None, "--predictions", help="With --generate: JSONL of the answers (default: RUN/predictions.jsonl)."
+    ),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="With --generate: temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="With --generate: nucleus sampling probability."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="With --generate: sample, or greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="With --generate: seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ):
-    """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set."""
+    """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set; with --generate, task metrics
+    of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON)."""
     from finetune_cli import evaluate, ui
 
+    if generate:
+        from finetune_cli import generate as gen
+        from finetune_cli import predict
+
+        wanted = predict.check_metrics(metrics)
+        gen.check_sampling(do_sample, temperature, top_p)
+        if base or stride is not None or max_length is not None:
+            raise FtuneError(
+                "--generate scores the tuned model (and --compare-base the base); drop --base, --stride, --max-length"
+            )
+        sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}
+        with ui.eval_progress() as progress:
+            result = evaluate.run_generate(
+                target,
+                [str(p) for p in data or []],
+                compare_base,
+                wanted,
+                max_new_tokens,
+                batch_size,
+                str(predictions) if predictions else None,
+                sampling,
+                progress,
+            )
+        _emit(result, as_json, ui.generate_summary)
+        return
+    if metrics is not None or predictions is not None:
+        raise FtuneError("--metrics and --predictions need --generate")
     with ui.eval_progress() as progress:
         result = evaluate.run(
             target, [str(p) for p in data or []], base, compare_base, batch_size, max_length, stride, progress

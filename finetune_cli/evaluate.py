@@ -1,8 +1,10 @@
-"""`ftune eval`: perplexity of a run, adapter, model folder or base model on its eval data or other data."""
+"""`ftune eval`: perplexity of a run, adapter, model folder or base model on its eval data or other data, and with
+`--generate` task metrics of the answers it generates (finetune_cli.predict)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +12,7 @@ from finetune_cli import models, rundir
 from finetune_cli.data import jsonl
 from finetune_cli.errors import FtuneError
 from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
-from finetune_cli.results import Change, EvalResult
+from finetune_cli.results import Change, EvalResult, GenerateEval
 
 
 def run(
@@ -30,14 +32,7 @@ def run(
     recipe = found.recipe
     if (compare_base or base_only) and found.kind == "model":
         raise FtuneError(f"--compare-base and --base need a run directory or an adapter; {target} is a model")
-    if data:
-        names = [str(Path(f).resolve()) for f in data]  # one eval.json entry per file, however it is named
-        d = recipe.data if recipe else None
-        # extra data is read the way the run reads its own: its format, columns and system prompt
-        read = (lambda f: jsonl.read(f, d.format, d.columns, d.system_prompt)) if d else jsonl.read
-        records = [r for f in data for r in read(f)]
-    else:
-        names, records = _run_eval_data(recipe, target)
+    names, records = _records(found, target, data)
     tokenizer = models.load_tokenizer(
         found.tokenizer, trust_remote_code=found.trust_remote_code, require_template=False
     )
@@ -91,6 +86,109 @@ def run(
     if found.run_dir:
         rundir.save_evaluation(found.run_dir, out.dump())
     return out
+
+
+def run_generate(
+    target: str,
+    data: list[str] = (),
+    compare_base: bool = False,
+    metrics: list[str] | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    predictions: str | None = None,
+    sampling: dict | None = None,
+    progress: Callable[[int], Callable[[int], None]] = lambda total: None,
+) -> GenerateEval:
+    """`ftune eval --generate`: generate an answer to each eval conversation and score it against the reference
+    with `metrics` (None: all that apply), for the tuned model and with `compare_base` the base too."""
+    import time
+
+    from finetune_cli import files, predict
+
+    found = rundir.open_target(target)
+    if compare_base and found.kind == "model":
+        raise FtuneError(f"--compare-base needs a run directory or an adapter; {target} is a model")
+    out_path = (
+        Path(predictions).expanduser()
+        if predictions
+        else (found.run_dir / rundir.PREDICTIONS if found.run_dir else None)
+    )
+    if predictions and not out_path.parent.is_dir():
+        raise FtuneError(f"--predictions: the folder {out_path.parent} does not exist")
+    if predictions and out_path.exists():
+        raise FtuneError(f"--predictions: {out_path} already exists; ftune never overwrites a file it did not write")
+    names, records = _records(found, target, data)
+    prompts, references = predict.split(records, ", ".join(names))
+    metrics = predict.metrics_for(references, metrics)
+    tokenizer = models.load_tokenizer(found.tokenizer, trust_remote_code=found.trust_remote_code)
+    sampling = sampling or {}
+
+    def answer(model) -> tuple[list[str], float]:
+        started = time.perf_counter()
+        replies, tokens = predict.generate(
+            model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress(len(prompts)), **sampling
+        )
+        return replies, tokens / max(time.perf_counter() - started, 1e-9)
+
+    def load(weights: str):
+        return models.load_model(weights, found.dtype, found.trust_remote_code)
+
+    answers, speed = {}, {}
+    if found.kind == "model":
+        answers["model"], speed["model"] = answer(load(found.weights))
+    elif found.adapter is None:  # full fine-tuning: two separate models
+        if compare_base:
+            answers["base"], speed["base"] = answer(load(models.resolve(found.base)))
+        answers["tuned"], speed["tuned"] = answer(load(found.weights))
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
+        if compare_base:
+            with model.disable_adapter():
+                answers["base"], speed["base"] = answer(model)
+        answers["tuned"], speed["tuned"] = answer(model)
+    results = {name: predict.score(replies, references, metrics) for name, replies in answers.items()}
+    if out_path is not None:
+        main = answers.get("tuned", answers.get("model"))
+        rows = []
+        for i, (prompt, reference) in enumerate(zip(prompts, references)):
+            row = {"index": i, "prompt": prompt, "reference": reference, "prediction": main[i]}
+            if "base" in answers:
+                row["base_prediction"] = answers["base"][i]
+            rows.append(json.dumps(row, ensure_ascii=False))
+        files.write_text(out_path, "\n".join(rows) + "\n")
+    out = GenerateEval(
+        kind="generate",
+        target=str(target),
+        base=found.base or str(target),
+        data=names,
+        data_sha256=[_sha256(f) for f in data] if data else None,
+        examples=len(prompts),
+        max_new_tokens=max_new_tokens,
+        greedy=not sampling.get("do_sample", False),
+        metrics=metrics,
+        results=results,
+        tokens_per_second={k: round(v, 2) for k, v in speed.items()},
+        predictions=str(out_path) if out_path is not None else None,
+    )
+    if "base" in results and "tuned" in results:
+        out.change = {m: round(results["tuned"][m] - results["base"][m], 6) for m in metrics}
+    if found.run_dir:
+        rundir.save_evaluation(found.run_dir, out.dump())
+    return out
+
+
+def _records(found: rundir.Target, target: str, data: list[str]) -> tuple[list[str], list[dict]]:
+    """(names, records) of the data to evaluate: `data` read the way the run reads its own (its format, columns
+    and system prompt), or the run's own eval data."""
+    recipe = found.recipe
+    if not data:
+        return _run_eval_data(recipe, target)
+    names = [str(Path(f).resolve()) for f in data]  # one eval.json entry per file, however it is named
+    d = recipe.data if recipe else None
+    read = (lambda f: jsonl.read(f, d.format, d.columns, d.system_prompt)) if d else jsonl.read
+    return names, [r for f in data for r in read(f)]
 
 
 def _sha256(path: str | Path) -> str:

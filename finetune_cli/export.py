@@ -138,18 +138,5 @@ def _model_card(found: rundir.Target, dtype: str) -> str:
     run = found.run_dir
     if run is not None and (run / rundir.RECIPE).is_file():
         lines += ["", "## Recipe", "", "```yaml", (run / rundir.RECIPE).read_text(encoding="utf-8").rstrip(), "```"]
-    results = rundir.evaluations(run) if run is not None else []
-    if results:
-        lines += [
-            "",
-            "## Evaluation (ftune eval)",
-            "",
-            "| data | model | scored tokens | perplexity |",
-            "|---|---|---|---|",
-        ]
-        for e in results:
-            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
-            lines += [
-                f"| {data} | {name} | {r['tokens']} | {r['perplexity']:.4f} |" for name, r in e["results"].items()
-            ]
+    lines += rundir.evaluation_markdown(run)
     return "\n".join(lines) + "\n"

@@ -649,13 +649,5 @@ def _readme(found: rundir.Target, filename: str, quant: str, family, check, conf
     run = found.run_dir
     if run is not None and (run / rundir.RECIPE).is_file():
         lines += ["", "## Recipe", "", "```yaml", (run / rundir.RECIPE).read_text(encoding="utf-8").rstrip(), "```"]
-    results = rundir.evaluations(run) if run is not None else []
-    if results:
-        lines += ["", "## Evaluation (ftune eval)", "", "| data | model | scored tokens | perplexity |"]
-        lines.append("|---|---|---|---|")
-        for e in results:
-            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
-            lines += [
-                f"| {data} | {name} | {r['tokens']} | {r['perplexity']:.4f} |" for name, r in e["results"].items()
-            ]
+    lines += rundir.evaluation_markdown(run)
     return "\n".join(lines) + "\n"

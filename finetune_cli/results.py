@@ -43,6 +43,24 @@ class EvalResult(_Result):
     change: Change | None = None
 
 
+class GenerateEval(_Result):
+    """`ftune eval --generate`: task metrics of generated answers, per model ("model", or "base"/"tuned")."""
+
+    kind: Literal["generate"]
+    target: str
+    base: str
+    data: list[str]
+    data_sha256: list[str] | None = None
+    examples: int
+    max_new_tokens: int
+    greedy: bool
+    metrics: list[str]
+    results: dict[str, dict[str, float]]
+    change: dict[str, float] | None = None
+    tokens_per_second: dict[str, float]
+    predictions: str | None = None
+
+
 class Sample(_Result):
     prompt: str
     base: str

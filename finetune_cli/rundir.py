@@ -21,6 +21,7 @@ RECIPE = "recipe.yaml"
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+PREDICTIONS = "predictions.jsonl"  # `ftune eval --generate`'s answers, one JSON line per example
 ADAPTER = "adapter"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
@@ -29,7 +30,7 @@ MARKER = ".ftune"  # {"kind": "run" | "merge", "files": [...]}: this folder was 
 ADAPTER_RECORD = "ftune.json"  # in an adapter folder: base model, method and model options
 
 # What a run directory may hold; anything else is the user's and is never deleted.
-RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, ADAPTER, MODEL, CHECKPOINTS, STAGING, MARKER}
+RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, PREDICTIONS, ADAPTER, MODEL, CHECKPOINTS, STAGING, MARKER}
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-\w+)?")  # files.py's and our renames' temporary names
 
 
@@ -272,10 +273,14 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def save_evaluation(run_dir: Path, result: dict) -> None:
-    """Keep one result per data set in the run's eval.json: scoring other data never replaces the run's own."""
+    """Keep one result per data set and kind (perplexity, generate) in the run's eval.json: scoring other data, or
+    generating answers, never replaces the run's own perplexity."""
     from finetune_cli import files
 
-    kept = [e for e in evaluations(run_dir) if e.get("data") != result["data"]]
+    def key(e: dict):
+        return e.get("data"), e.get("kind", "perplexity")
+
+    kept = [e for e in evaluations(run_dir) if key(e) != key(result)]
     files.write_json(run_dir / EVAL, {"evaluations": [*kept, result]})
 
 
@@ -286,6 +291,27 @@ def evaluations(run_dir: Path) -> list[dict]:
     except (OSError, ValueError, AttributeError):
         return []
     return [e for e in found if isinstance(e, dict) and isinstance(e.get("results"), dict)]
+
+
+def evaluation_markdown(run_dir: Path | None) -> list[str]:
+    """The run's eval.json as Markdown tables for a model card: perplexity, then generation metrics."""
+    results = evaluations(run_dir) if run_dir is not None else []
+    perplexity = [e for e in results if e.get("kind", "perplexity") == "perplexity"]
+    generated = [e for e in results if e.get("kind") == "generate"]
+    lines = []
+    if perplexity:
+        lines += ["", "## Evaluation (ftune eval)", "", "| data | model | scored tokens | perplexity |"]
+        lines.append("|---|---|---|---|")
+        for e in perplexity:
+            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
+            lines += [f"| {data} | {m} | {r['tokens']} | {r['perplexity']:.4f} |" for m, r in e["results"].items()]
+    if generated:
+        lines += ["", "## Generated answers (ftune eval --generate)", "", "| data | model | metrics |", "|---|---|---|"]
+        for e in generated:
+            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
+            for m, r in e["results"].items():
+                lines.append(f"| {data} | {m} | {', '.join(f'{k} {v:.4g}' for k, v in r.items())} |")
+    return lines
 
 
 def recipe_changes(folder: Path, recipe: dict) -> list[str] | None:

@@ -129,6 +129,35 @@ def eval_summary(result: dict) -> None:
     console.print(f"data: {', '.join(result['data'])}")
 
 
+def generate_summary(result: dict) -> None:
+    """Each metric for base and fine-tuned and the change (fractions as percentages, BLEU/chrF on 0-100)."""
+    table = Table(title=f"ftune eval --generate {result['target']}", title_justify="left")
+    table.add_column("metric")
+    labels = {"base": f"base ({result['base']})", "tuned": "fine-tuned", "model": "model"}
+    for name in result["results"]:
+        table.add_column(labels.get(name, name), justify="right")
+    change = result.get("change")
+    if change:
+        table.add_column("change", justify="right")
+
+    def show(metric: str, value: float, sign: bool = False) -> str:
+        if metric in ("bleu", "chrf"):  # sacrebleu's 0-100 scale
+            return f"{value:+.2f}" if sign else f"{value:.2f}"
+        return f"{100 * value:+.1f} pp" if sign else f"{100 * value:.1f}%"  # fractions; changes in points
+
+    for metric in result["metrics"]:
+        row = [metric] + [show(metric, r[metric]) for r in result["results"].values()]
+        if change:
+            row.append(show(metric, change[metric], sign=True))
+        table.add_row(*row)
+    console.print(table)
+    speed = ", ".join(f"{labels.get(k, k)} {v:.1f}" for k, v in result["tokens_per_second"].items())
+    console.print(f"{result['examples']} examples, generated tokens/s: {speed}")
+    if result.get("predictions"):
+        console.print(f"predictions: {result['predictions']}")
+    console.print(f"data: {', '.join(result['data'])}")
+
+
 def recipes_table(items: list[dict]) -> None:
     table = Table(title="shipped recipes (ftune recipes copy NAME DEST)", title_justify="left")
     table.add_column("name", style="bold", no_wrap=True)

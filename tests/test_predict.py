@@ -1,0 +1,153 @@
+"""`ftune eval --generate`: metrics equal sacrebleu / rouge-score / json computed here on the same strings, batched
+answers equal one-at-a-time `ftune generate` answers, exact match rises from base to tuned on the quickstart run,
+and bad requests are refused before any model loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune_cli import predict
+from finetune_cli.cli import app
+from tests.conftest import ROOT, write_jsonl
+
+runner = CliRunner()
+
+PREDICTIONS = [
+    '{"name": "Zoë", "qty": 3}',
+    "The cat sat on the mat.",
+    "",
+    "  exactly this  ",
+    "Résumé: naïve café, 12 items; ok?",
+]
+REFERENCES = [
+    '{"qty": 3, "name": "Zoë"}',  # equal as JSON, not as text
+    "The cat is on the mat.",
+    "Something was expected here.",
+    "exactly this",
+    "Résumé: naive cafe, 12 items. OK?",
+]
+
+
+def test_each_metric_equals_the_standard_package_on_the_same_strings():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    got = predict.score(PREDICTIONS, REFERENCES, ["exact_match", "bleu", "chrf", "rouge_l"])
+    assert got["exact_match"] == pytest.approx(1 / 5)  # stripped equality: only "exactly this"
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score, abs=1e-6)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(PREDICTIONS, [REFERENCES]).score, abs=1e-6)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(PREDICTIONS, REFERENCES)]
+    assert got["rouge_l"] == pytest.approx(sum(rouge) / 5, abs=1e-6)
+    assert 0 < got["bleu"] < 100 and 0 < got["rouge_l"] < 1  # not degenerate: the strings partly overlap
+
+
+def test_json_metrics_parse_both_sides():
+    refs = ['{"a": 1, "b": [1, 2]}', '{"a": 2}', "[1, 2]"]
+    preds = ['{"b": [1, 2], "a": 1}', '{"a": 2, "extra": 0}', "[1, 2"]
+    got = predict.score(preds, refs, ["json_valid", "json_match"])
+    assert got == {"json_valid": pytest.approx(2 / 3, abs=1e-6), "json_match": pytest.approx(1 / 3, abs=1e-6)}
+    assert predict.metrics_for(refs, None) == list(predict.METRICS)
+    assert "json_match" not in predict.metrics_for(["plain words"], None)  # JSON metrics only where they apply
+    with pytest.raises(Exception, match="not all JSON"):
+        predict.metrics_for(["plain words"], ["json_match"])
+
+
+def test_prompt_is_the_conversation_up_to_its_last_assistant_turn():
+    conv = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "1"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "2"},
+        {"role": "assistant", "content": "two"},
+    ]
+    prompts, refs = predict.split([{"messages": conv}], "data.jsonl")
+    assert prompts == [conv[:4]] and refs == ["two"]
+
+
+def test_batched_answers_equal_one_at_a_time_and_exact_match_rises(quickstart_run, tmp_path):
+    """The real command on the shipped quickstart run, base and tuned; every batched answer (batch 3, mixed prompt
+    lengths) equals `generate.reply` on the same messages, as `ftune generate` gives it."""
+    from peft import PeftModel
+
+    from finetune_cli import generate, rundir
+
+    run = quickstart_run[0]
+    rows = [json.loads(x) for x in (ROOT / "recipes/data/quickstart/eval.jsonl").read_text().splitlines()[:5]]
+    data = write_jsonl(tmp_path / "five.jsonl", rows)
+    args = ["eval", str(run), "--generate", "--compare-base", "--data", str(data), "--batch-size", "3"]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "48", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["kind"] == "generate" and out["examples"] == 5 and out["greedy"]
+    assert out["metrics"] == list(predict.METRICS)  # the references are JSON: every metric applies
+    tuned, base = out["results"]["tuned"], out["results"]["base"]
+    assert tuned["exact_match"] >= 0.8 and base["exact_match"] == 0.0 and tuned["json_match"] >= 0.8
+    assert out["change"]["exact_match"] == pytest.approx(tuned["exact_match"] - base["exact_match"])
+    lines = [json.loads(x) for x in (run / rundir.PREDICTIONS).read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(5)) and out["predictions"] == str(run / rundir.PREDICTIONS)
+    for line, row in zip(lines, rows):
+        assert line["prompt"] == row["messages"][:-1] and line["reference"] == row["messages"][-1]["content"]
+    # the metrics are those of the written answers, recomputed here
+    refs = [x["reference"] for x in lines]
+    assert tuned["exact_match"] == pytest.approx(sum(x["prediction"] == r for x, r in zip(lines, refs)) / 5)
+    # eval.json keeps the generate result beside (not instead of) a perplexity result on the same data
+    assert runner.invoke(app, ["eval", str(run), "--data", str(data)]).exit_code == 0
+    kinds = [e.get("kind", "perplexity") for e in rundir.evaluations(run) if e["data"] == [str(data.resolve())]]
+    assert sorted(kinds) == ["generate", "perplexity"]
+
+    model, tokenizer = rundir.load(str(run))  # as `ftune generate` loads it: a PeftModel over the base
+    assert isinstance(model, PeftModel)
+    for line in lines:
+        assert generate.reply(model, tokenizer, line["prompt"], 48) == line["prediction"]
+    with model.disable_adapter():
+        for line in lines:
+            assert generate.reply(model, tokenizer, line["prompt"], 48) == line["base_prediction"]
+
+
+def refused(result, *words):
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    for word in words:
+        assert word in line, line
+
+
+def test_bad_requests_are_refused_before_a_model_loads(tmp_path, tiny_model_dir):
+    missing = tmp_path / "no-such-run"
+    # the metric is checked first: the target does not even exist
+    refused(runner.invoke(app, ["eval", str(missing), "--generate", "--metrics", "bleu,accuracy"]), "accuracy", "chrf")
+    refused(runner.invoke(app, ["eval", str(missing), "--metrics", "bleu"]), "--generate")
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "just prose"}, {"text": "more prose"}])
+    refused(runner.invoke(app, ["eval", str(tiny_model_dir), "--generate", "--data", str(text)]), "assistant turn")
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    )
+    theirs = tmp_path / "mine.jsonl"
+    theirs.write_text("the user's own file\n")
+    args = ["eval", str(tiny_model_dir), "--generate", "--data", str(chat), "--predictions", str(theirs)]
+    refused(runner.invoke(app, args), "already exists")
+    assert theirs.read_text() == "the user's own file\n"
+    args = ["eval", str(tiny_model_dir), "--generate", "--data", str(chat), "--metrics", "json_valid"]
+    refused(runner.invoke(app, args), "not all JSON")
+
+
+def test_a_model_folder_writes_predictions_only_where_asked(tmp_path, tiny_model_dir):
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "x"}]}
+            for i in range(3)
+        ],
+    )
+    out = tmp_path / "preds.jsonl"
+    args = ["eval", str(tiny_model_dir), "--generate", "--data", str(chat), "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--predictions", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert list(info["results"]) == ["model"] and info["predictions"] == str(out)
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 1, 2]
+    assert not any(Path(tiny_model_dir).glob("predictions*"))
