@@ -26,15 +26,16 @@ def tokenizer(builtin_dir):
     return AutoTokenizer.from_pretrained(builtin_dir)
 
 
-def tiny_model(path: Path, tokenizer, kind: str = "llama", tied: bool = True) -> Path:
-    """A 2-layer random model of `kind` (llama, mistral, qwen2...) with SmolLM2's tokenizer, saved in `path`."""
+def tiny_model(path: Path, tokenizer, kind: str = "llama", tied: bool = True, vocab_size: int | None = None) -> Path:
+    """A 2-layer random model of `kind` (llama, mistral, qwen2...) with `tokenizer` (SmolLM2's in most tests), saved
+    in `path`; `vocab_size` pads the embedding past the tokenizer's ids."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         kind,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

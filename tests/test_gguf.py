@@ -185,6 +185,221 @@ def test_lora_run_is_merged_then_exported_with_modelfile_and_readme(tmp_path, lo
     assert "## Recipe" in readme and "chat_template: chatml" in readme
 
 
+# SentencePiece-style tokenizers (Llama 2, Mistral v0.1-v0.3, TinyLlama): BPE with byte fallback over ▁-escaped text
+
+SPACE = "\u2581"
+# Strings the round trip must split exactly like the source: special tokens, unicode (ß, 日本, the emoji and ✅ are
+# not in the training text: byte fallback), digits, runs of whitespace, leading spaces.
+SPM_STRINGS = [
+    "<s>[INST] Zoë's order: 12 x scarf [/INST] Done.</s>[INST] Next?",
+    "Ελληνικά, нещо на Български, 我想在apple工作, café naïve Müller",
+    "ß 日本 🦙🦙 ✅ straße",
+    "3 33 333 3333 1,000,000 3.14159 2024-05-17",
+    "a  b   c    d\t\te\n\n\nf     ",
+    "  two leading spaces",
+    " one leading space",
+    "</s>after the end<s>",
+]
+
+
+def spm_corpus() -> list[str]:
+    """About 11 KB of generated text: English-like syllables, accented Latin, Cyrillic, Greek, CJK, digits."""
+    import random
+
+    rng = random.Random(0)
+    syllables = "the an in er on re at st en ka to ri mu sel qu ing ou pl Zo ë ü é ç на що ли бъ λέ ξη κα 我 想 在 工作"
+    pieces = syllables.split() + ["Ελληνικά", "Български", "apple", "café", "naïve"]
+    lines = [gguf_export._PROBE_TEXT]
+    for _ in range(300):
+        words = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(3, 9))]
+        words += [str(rng.randint(0, 9999))] * rng.randint(0, 1)
+        rng.shuffle(words)
+        gap = rng.choice(["", "  ", "\t"])
+        lines.append(" ".join(words[:3]) + gap + " " + " ".join(words[3:]) + rng.choice(".,!?:;"))
+    return lines
+
+
+def spm_tokenizer():
+    """A tiny tokenizer shaped as Llama 2's and Mistral's tokenizer.json are: BPE with byte_fallback over text whose
+    spaces are ▁ and which starts with ▁ (Metaspace, no split at ▁), <unk> <s> </s> then the 256 <0xXX> byte
+    tokens, ~1.2k tokens trained here (words kept apart while training, as sentencepiece does); a
+    LlamaTokenizerFast with ftune's mistral chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=specials + byte_tokens, show_progress=False)
+    tok.train_from_iterator(spm_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]  # the byte tokens as plain vocabulary, only <unk> <s> </s> added
+    tok = Tokenizer(
+        models.BPE(model["vocab"], [tuple(m) for m in model["merges"]], unk_token="<unk>", byte_fallback=True)
+    )
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        chat_template=templates.TEMPLATES["mistral"],
+    )
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    """A tiny random llama (as Llama 2 and TinyLlama: transformers loads their tokenizer as LlamaTokenizer) with the
+    SentencePiece-style tokenizer, its embedding padded to a multiple of 64 (ids past the tokenizer's are written
+    as UNUSED [PAD] tokens)."""
+    tok = spm_tokenizer()
+    folder = tiny_model(tmp_path_factory.mktemp("tiny-spm"), tok, "llama", vocab_size=-(-len(tok) // 64) * 64)
+    assert json.loads((folder / "tokenizer.json").read_text())["model"]["byte_fallback"]
+    return folder
+
+
+def spm_encode(tokens: list[str], scores: list[float], text: str) -> list[int]:
+    """llama.cpp's SPM tokenizer (llm_tokenizer_spm_session in llama-vocab.cpp) on ▁-escaped text: merge the
+    adjacent pair whose joined text is the token with the highest score (ties: leftmost), until none is left; a
+    symbol that is no token falls back to its bytes."""
+    import heapq
+
+    index = {t: i for i, t in enumerate(tokens)}
+    symbols = list(text)
+    after = list(range(1, len(symbols))) + [-1]
+    before = list(range(-1, len(symbols) - 1))
+    queue = []
+
+    def bigram(left, right):
+        if left >= 0 and right >= 0 and symbols[left] + symbols[right] in index:
+            joined = symbols[left] + symbols[right]
+            heapq.heappush(queue, (-scores[index[joined]], left, right, len(joined)))
+
+    for i in range(1, len(symbols)):
+        bigram(i - 1, i)
+    while queue:
+        _, left, right, size = heapq.heappop(queue)
+        if not symbols[left] or not symbols[right] or len(symbols[left]) + len(symbols[right]) != size:
+            continue
+        symbols[left], symbols[right] = symbols[left] + symbols[right], ""
+        after[left] = after[right]
+        if after[right] >= 0:
+            before[after[right]] = left
+        bigram(before[left], left)
+        bigram(left, after[left])
+    ids, i = [], 0 if symbols else -1
+    while i >= 0:
+        if symbols[i] in index:
+            ids.append(index[symbols[i]])
+        else:
+            ids.extend(index[f"<0x{b:02X}>"] for b in symbols[i].encode())
+        i = after[i]
+    return ids
+
+
+def test_sentencepiece_llama_f16_round_trip_tokenizer_scores_and_metadata(tmp_path, spm_model):
+    import gguf
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(spm_model)
+    out = tmp_path / "gguf"
+    info = exported(export(spm_model, out, "--quant", "f16"))
+    check = info["check"]
+    assert check["tokens_equal"] and check["agreement"] >= 0.99 and check["passed"] and check["positions"] > 200
+    assert info["architecture"] == "llama" and info["end_of_turn"] == ["</s>"]
+    gguf_file = Path(info["file"])
+    reader = gguf.GGUFReader(gguf_file)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.") or k.endswith("vocab_size")}
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
+    assert "tokenizer.ggml.merges" not in meta  # llama.cpp's SPM tokenizer merges by score
+    tokens, scores, types = (
+        meta["tokenizer.ggml.tokens"],
+        meta["tokenizer.ggml.scores"],
+        meta["tokenizer.ggml.token_type"],
+    )
+    n_vocab = meta["llama.vocab_size"]
+    assert len(tokens) == len(scores) == len(types) == n_vocab > len(source)
+    assert tokens[: len(source)] == source.convert_ids_to_tokens(list(range(len(source))))
+    kinds = gguf.TokenType
+    assert [i for i, t in enumerate(types) if t == kinds.CONTROL] == [0, 1, 2]  # <unk> <s> </s>
+    assert [tokens[i] for i, t in enumerate(types) if t == kinds.BYTE] == [f"<0x{b:02X}>" for b in range(256)]
+    assert [i for i, t in enumerate(types) if t == kinds.UNUSED] == list(range(len(source), n_vocab))
+    assert types.count(kinds.NORMAL) == len(source) - 259
+    normal = [s for s, t in zip(scores, types) if t == kinds.NORMAL]
+    assert len(set(normal)) == len(normal) and max(normal) < 0  # one merge rank each, below bytes and controls
+    assert meta["tokenizer.ggml.bos_token_id"] == source.bos_token_id == 1
+    assert meta["tokenizer.ggml.eos_token_id"] == meta["tokenizer.ggml.eot_token_id"] == source.eos_token_id == 2
+    assert meta["tokenizer.ggml.unknown_token_id"] == 0
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.chat_template"] == templates.TEMPLATES["mistral"]
+    # transformers' loader rebuilds the merges from the scores: the same ids as the source on every string, BOS too
+    loaded = AutoTokenizer.from_pretrained(out, gguf_file=gguf_file.name)
+    for text in SPM_STRINGS:
+        assert loaded(text)["input_ids"] == source(text)["input_ids"], text
+    assert "<0xC3>" in source.tokenize(SPM_STRINGS[2]) and "<0xF0>" in source.tokenize(SPM_STRINGS[2])
+    assert any(len(t) > 3 for t in source.tokenize(SPM_STRINGS[1]))  # merges at work, not bytes and characters
+    # llama.cpp's own algorithm on the file's tokens and scores, on text escaped as the source escapes it (where
+    # the leading ▁ goes is llama.cpp's rule, not the file's: see the legacy test below)
+    for text in SPM_STRINGS[1:5] + [gguf_export._PROBE_TEXT]:
+        escaped = SPACE + text.replace(" ", SPACE)
+        assert spm_encode(tokens, scores, escaped) == source(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_sentencepiece_legacy_mistral_tokenizer_is_checked_with_its_own_space_rule(tmp_path, spm_model):
+    """Mistral v0.1's tokenizer.json (`legacy: true`; transformers loads it as it is) prepends ▁ with a normalizer,
+    so to the text after each special token too, as llama.cpp does; transformers' GGUF loader puts one only at the
+    start of the text. The file holds no such rule, so the check splits the probe with the source's; the file's
+    vocabulary and scores then give the same ids."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    folder = tiny_model(tmp_path / "mistral-v01", AutoTokenizer.from_pretrained(spm_model), "mistral")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    prepend = {"type": "Prepend", "prepend": SPACE}
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    spec.update(normalizer={"type": "Sequence", "normalizers": [prepend, replace]}, pre_tokenizer=None)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    source = AutoTokenizer.from_pretrained(folder)
+    assert source.backend_tokenizer.normalizer is not None  # Mistral's legacy tokenizer.json, loaded as it is
+    info = exported(export(folder, tmp_path / "gguf", "--quant", "f16"))
+    assert info["check"]["tokens_equal"] and info["check"]["passed"] and info["check"]["agreement"] >= 0.99
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=Path(info["file"]).name)
+    text = "</s>[INST] after"
+    assert loaded(text)["input_ids"] != source(text)["input_ids"]  # why the check applies the source's rule
+    gguf_export._source_space_prefix(loaded, source)
+    for text in SPM_STRINGS:
+        assert loaded(text)["input_ids"] == source(text)["input_ids"], text
+    # and llama.cpp's rule (a ▁ before each run of text, doubled before a leading space) is this tokenizer's
+    reader = GGUFReader(info["file"])
+    tokens, scores = (reader.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores"))
+    for text in SPM_STRINGS[1:7]:
+        escaped = SPACE + text.replace(" ", SPACE)
+        assert spm_encode(tokens, scores, escaped) == source(text, add_special_tokens=False)["input_ids"], text
+
+
+@pytest.mark.parametrize("change,words", [("unigram", ["Unigram", "byte-level BPE"]), ("split", ["split=true"])])
+def test_tokenizers_llama_cpp_would_split_differently_are_refused(tmp_path, change, words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if change == "unigram":
+        tok = Tokenizer(models.Unigram([("<unk>", 0.0), (SPACE + "a", -1.0), ("a", -2.0)], unk_id=0))
+    else:
+        tok = Tokenizer.from_str(spm_tokenizer().backend_tokenizer.to_str())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, split=True)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+    folder = tiny_model(tmp_path / "model", wrapped, "llama")
+    refused(export(folder, tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
+
+
 # B. The Modelfile's TEMPLATE renders like the chat template
 
 
