@@ -23,6 +23,7 @@ DEMO_PROMPT := Hi, this is Omar Khan. I'd like 4 green lamps delivered to Oslo b
 demo: install
 	$(BIN)/ftune train recipes/quickstart.yaml --overwrite
 	$(BIN)/ftune eval runs/quickstart --compare-base
+	$(BIN)/ftune eval runs/quickstart --generate --compare-base --max-new-tokens 64
 	$(BIN)/ftune generate runs/quickstart --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_PROMPT)"
 	@echo
 	@echo "Next: run it in llama.cpp, Ollama or LM Studio (a checked GGUF file, about 45 s):"
