@@ -68,31 +68,31 @@ def test_prompt_is_the_conversation_up_to_its_last_assistant_turn():
 
 
 def test_batched_answers_equal_one_at_a_time_and_exact_match_rises(quickstart_run, tmp_path):
-    """The real command on the shipped quickstart run, base and tuned; every batched answer (batch 3, mixed prompt
-    lengths) equals `generate.reply` on the same messages, as `ftune generate` gives it."""
+    """The real command on the shipped quickstart run, base and tuned; every batched answer (batch 3: a full and a
+    partial batch of mixed prompt lengths) equals `generate.reply` on the same messages, as `ftune generate` gives it."""
     from peft import PeftModel
 
     from finetune_cli import generate, rundir
 
     run = quickstart_run[0]
-    rows = [json.loads(x) for x in (ROOT / "recipes/data/quickstart/eval.jsonl").read_text().splitlines()[:5]]
-    data = write_jsonl(tmp_path / "five.jsonl", rows)
+    rows = [json.loads(x) for x in (ROOT / "recipes/data/quickstart/eval.jsonl").read_text().splitlines()[:4]]
+    data = write_jsonl(tmp_path / "four.jsonl", rows)
     args = ["eval", str(run), "--generate", "--compare-base", "--data", str(data), "--batch-size", "3"]
     result = runner.invoke(app, [*args, "--max-new-tokens", "48", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["kind"] == "generate" and out["examples"] == 5 and out["greedy"]
+    assert out["kind"] == "generate" and out["examples"] == 4 and out["greedy"]
     assert out["metrics"] == list(predict.METRICS)  # the references are JSON: every metric applies
     tuned, base = out["results"]["tuned"], out["results"]["base"]
-    assert tuned["exact_match"] >= 0.8 and base["exact_match"] == 0.0 and tuned["json_match"] >= 0.8
+    assert tuned["exact_match"] >= 0.75 and base["exact_match"] == 0.0 and tuned["json_match"] >= 0.75
     assert out["change"]["exact_match"] == pytest.approx(tuned["exact_match"] - base["exact_match"])
     lines = [json.loads(x) for x in (run / rundir.PREDICTIONS).read_text().splitlines()]
-    assert [x["index"] for x in lines] == list(range(5)) and out["predictions"] == str(run / rundir.PREDICTIONS)
+    assert [x["index"] for x in lines] == list(range(4)) and out["predictions"] == str(run / rundir.PREDICTIONS)
     for line, row in zip(lines, rows):
         assert line["prompt"] == row["messages"][:-1] and line["reference"] == row["messages"][-1]["content"]
     # the metrics are those of the written answers, recomputed here
     refs = [x["reference"] for x in lines]
-    assert tuned["exact_match"] == pytest.approx(sum(x["prediction"] == r for x, r in zip(lines, refs)) / 5)
+    assert tuned["exact_match"] == pytest.approx(sum(x["prediction"] == r for x, r in zip(lines, refs)) / 4)
     # eval.json keeps the generate result beside (not instead of) a perplexity result on the same data
     assert runner.invoke(app, ["eval", str(run), "--data", str(data)]).exit_code == 0
     kinds = [e.get("kind", "perplexity") for e in rundir.evaluations(run) if e["data"] == [str(data.resolve())]]
