@@ -68,8 +68,8 @@ def test_prompt_is_the_conversation_up_to_its_last_assistant_turn():
 
 
 def test_batched_answers_equal_one_at_a_time_and_exact_match_rises(quickstart_run, tmp_path):
-    """The real command on the shipped quickstart run, base and tuned; every batched answer (batch 3: a full and a
-    partial batch of mixed prompt lengths) equals `generate.reply` on the same messages, as `ftune generate` gives it."""
+    """The real command on the shipped quickstart run, base and tuned; every batched answer (batch 3: a full and
+    a partial batch of mixed prompt lengths) equals `generate.reply` on the same messages (`ftune generate`)."""
     from peft import PeftModel
 
     from finetune_cli import generate, rundir
