@@ -79,12 +79,13 @@ def open_targets(specs: list[str]) -> list[tuple[str, object]]:
 
     if not specs:
         raise FtuneError("give at least one TARGET: a run directory, adapter folder, model folder or model name")
-    opened, seen = [], {}
-    for spec in specs:
-        name, source = parse_target(spec)
+    named, seen = [parse_target(spec) for spec in specs], {}
+    for spec, (name, source) in zip(specs, named):
         if name in seen:
             raise FtuneError(f"two targets are named {name!r} ({seen[name]}, {spec}); name them: NAME={source}")
         seen[name] = spec
+    opened = []
+    for spec, (name, source) in zip(specs, named):
         target = rundir.open_target(source)
         if target.adapter is not None and _prompt_learning(target.adapter):
             raise FtuneError(
@@ -292,21 +293,12 @@ class Engine:
                     self._end_all(ApiError(503, "the server is shutting down", code="shutting_down"))
                     scope.close()
                     return
-                if not self.running:  # a new batch: the model of the oldest waiting request
+                if not self.running:  # a new batch, for the model of the oldest waiting request
                     served = self.waiting[0].served
                     scope.close()
                     scope = _use(served)
                     batch = Batch(served.model, _pad_id(served.tokenizer))
-                new = []
-                while (
-                    self.waiting
-                    and self.waiting[0].served is served
-                    and len(self.running) + len(new) < self.max_batch
-                    and batch.can_join()
-                ):
-                    job = self.waiting.popleft()
-                    if not job.seq.cancelled:
-                        new.append(job)
+                new = self._take(served, batch)
                 self.running += new
             try:
                 if new:
@@ -323,6 +315,16 @@ class Engine:
                     self._end_running(ApiError(500, f"generation failed: {detail}", code="generation_failed"))
                 batch = Batch(served.model, _pad_id(served.tokenizer))
 
+    def _take(self, served: Served, batch: Batch) -> list[Job]:
+        """The waiting requests for `served` that start now, oldest first: all that fit when a batch starts; later
+        ones join the running batch while no other model's request waits (that one goes next, when it drains)."""
+        room = self.max_batch - len(self.running)
+        if self.running and (not batch.can_join() or any(j.served is not served for j in self.waiting)):
+            return []
+        new = [j for j in self.waiting if j.served is served and not j.seq.cancelled][:room]
+        self.waiting = deque(j for j in self.waiting if j not in new and not j.seq.cancelled)
+        return new
+
     def _deliver(self) -> None:
         """Send each running request its new text; finish the ones that ended."""
         done = []
@@ -330,14 +332,12 @@ class Engine:
         for job in self.running:
             job.batch = max(job.batch, size)
             seq = job.seq
-            if seq.finish_reason is None and not seq.cancelled:
+            if seq.finish_reason in (None, "stop", "length") and not seq.cancelled:
                 delta, stopped = job.text.feed(seq.tokens)
                 if stopped:
-                    seq.finish("stop")
+                    seq.finish_reason = "stop"  # a stop text, also where the last token reached the length
                 if delta:
                     job.post(("text", delta))
-            elif seq.finish_reason in ("stop", "length") and job.text.feed(seq.tokens)[1]:
-                seq.finish_reason = "stop"  # its last token completed a stop text
             if seq.finish_reason is not None or seq.cancelled:
                 done.append(job)
         for job in done:
@@ -550,8 +550,8 @@ def create_app(engine: Engine, api_key: str | None, log=None):
             return error(ApiError(400, "the request body is not valid JSON"))
         if tuple(first.get("loc", ())) == ("body",):
             return error(ApiError(400, "the request body must be a JSON object (Content-Type: application/json)"))
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(where) or None
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ())[1:]).lstrip(".")
+        param = param or None
         return error(ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param))
 
     @app.exception_handler(HTTPException)
@@ -613,23 +613,30 @@ async def _answer(engine: Engine, body: _Request, request: Request, chat: bool):
         return StreamingResponse(
             _stream(job, reply, info), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     parts = []
-    while True:
-        try:
-            kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                info["finish"] = "cancelled"
-                return JSONResponse({}, status_code=499)
-            continue
-        if kind == "text":
-            parts.append(value)
-        elif kind == "error":
-            raise value
-        else:
-            info["finish"] = value
-            return reply.whole("".join(parts), value, len(seq.prompt), len(seq.tokens))
+    try:
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                parts.append(value)
+            elif kind == "error":
+                raise value
+            elif value == "cancelled":
+                info["finish"] = value
+                return JSONResponse({}, status_code=499)  # nginx's "client closed request": nobody reads it
+            else:
+                info["finish"] = value
+                return reply.whole("".join(parts), value, len(seq.prompt), len(seq.tokens))
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """A client that goes away before its (non-streamed) answer cancels the generation."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 class _Reply:
