@@ -30,6 +30,7 @@ class Sequence:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # as transformers applies it (a model's generation config may set it)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end-of-turn token or a stop text) | "length" | "cancelled"
     cancelled: bool = False  # set from another thread; the sequence leaves the batch before the next step
@@ -128,6 +129,9 @@ class Batch:
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         """Pick the next token of `seqs` from their `logits` rows; drop the sequences that ended; return them."""
+        for i, seq in enumerate(seqs):
+            if seq.repetition_penalty != 1.0:
+                logits[i] = _penalize(logits[i], seq)
         greedy = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             token = greedy[i] if seq.temperature == 0 else _sample(logits[i], seq)
@@ -171,6 +175,14 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor for one sequence: every token seen so far is made less likely."""
+    seen = torch.tensor(seq.prompt + seq.tokens, dtype=torch.long)
+    score = logits.gather(0, seen)
+    score = torch.where(score < 0, score * seq.repetition_penalty, score / seq.repetition_penalty)
+    return logits.scatter(0, seen, score)
+
+
 def _sample(logits: torch.Tensor, seq: Sequence) -> int:
     """Temperature and nucleus (top-p) sampling with the sequence's own generator, so a seed gives the same tokens
     whichever requests share the batch."""
@@ -195,7 +207,8 @@ def generate_batch(
     from finetune_cli.data.masking import end_of_turn_ids
 
     stops = frozenset(stop_ids if stop_ids is not None else end_of_turn_ids(tokenizer))
-    seqs = [Sequence(list(p), max_new_tokens, stops) for p in prompts]
+    penalty = repetition_penalty(model)
+    seqs = [Sequence(list(p), max_new_tokens, stops, repetition_penalty=penalty) for p in prompts]
     was_training = model.training
     model.eval()
     batch = Batch(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -210,3 +223,22 @@ def generate_batch(
     if was_training:
         model.train()
     return [s.tokens for s in seqs]
+
+
+def repetition_penalty(model) -> float:
+    config = getattr(model, "generation_config", None)
+    return float(getattr(config, "repetition_penalty", None) or 1.0)
+
+
+# Settings of a generation config that `model.generate` applies and this decoder does not.
+UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "suppress_tokens",
+               "begin_suppress_tokens", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
+               "encoder_repetition_penalty", "exponential_decay_length_penalty")  # fmt: skip
+
+
+def unsupported(model) -> list[str]:
+    """The generation-config settings of `model` that `generate_batch` would ignore (so its replies could differ)."""
+    from transformers import GenerationConfig
+
+    config, default = getattr(model, "generation_config", None), GenerationConfig()
+    return [k for k in UNSUPPORTED if config is not None and getattr(config, k, None) != getattr(default, k, None)]

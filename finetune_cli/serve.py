@@ -30,7 +30,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from finetune_cli import batching
 from finetune_cli.batching import Batch, Sequence
+from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
 
 CHAT_MAX_TOKENS = 256  # `ftune generate --max-new-tokens`'s default
@@ -52,7 +54,6 @@ class Served:
     tokenizer: object
     stop_ids: frozenset[int]
     context: int
-    source: str
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -133,10 +134,12 @@ def load(specs: list[str], log=lambda msg: None) -> dict[str, Served]:
                 model=model,
                 adapter=name if target.adapter is not None else None,
                 tokenizer=tokenizer,
-                stop_ids=frozenset(_stop_ids(tokenizer)),
+                stop_ids=frozenset(end_of_turn_ids(tokenizer)),
                 context=_context(model, tokenizer),
-                source=str(target.adapter or target.weights),
             )
+        ignored = batching.unsupported(model)
+        if ignored:
+            log(f"warning: {weights}: the server does not apply generation_config's {', '.join(ignored)}")
     return served
 
 
@@ -148,12 +151,6 @@ def _with_adapters(model, adapters):
     for name, target in rest:
         model.load_adapter(str(target.adapter), adapter_name=name)
     return model
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    from finetune_cli.data.masking import end_of_turn_ids
-
-    return end_of_turn_ids(tokenizer)
 
 
 def _context(model, tokenizer) -> int:
@@ -452,8 +449,6 @@ def _stops(body: _Request) -> list[str]:
 
 def prepare(served: Served, body: _Request, chat: bool) -> tuple[Sequence, Text]:
     """The Sequence to decode for a request (its settings checked) and the Text that follows its reply."""
-    from finetune_cli.data.masking import render
-
     if body.n not in (None, 1):
         raise ApiError(400, f"n: {body.n}; only n=1 is supported (send the request again for more answers)", "n")
     stops = _stops(body)
@@ -505,6 +500,7 @@ def prepare(served: Served, body: _Request, chat: bool) -> tuple[Sequence, Text]
         temperature=temperature,
         top_p=top_p,
         seed=body.seed,
+        repetition_penalty=batching.repetition_penalty(served.model),
     )
     return seq, Text(tokenizer, stops, strip=chat)
 

@@ -395,7 +395,7 @@ def test_bad_target_fails_before_listening(tmp_path):
 
 def test_batched_greedy_equals_one_by_one(tiny_model_dir):
     """batching.generate_batch (left-padded, sequences joining as others end) gives each prompt `model.generate`'s
-    tokens; tiny random model, so the replies run to their length."""
+    tokens, also with a repetition penalty from the generation config; tiny random model, so replies run long."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -405,12 +405,17 @@ def test_batched_greedy_equals_one_by_one(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompts = [tok(f"Question {i}: " + "why " * (i * 3))["input_ids"] for i in range(7)]
-    one_by_one = []
-    for p in prompts:
-        out = model.generate(
-            torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=end_of_turn_ids(tok),
-        )  # fmt: skip
-        one_by_one.append(out[0, len(p) :].tolist())
-    assert batching.generate_batch(model, tok, prompts, 12, batch_size=3) == one_by_one
-    assert batching.generate_batch(model, tok, prompts, 12, batch_size=8) == one_by_one
+    for penalty in (1.0, 1.5):
+        model.generation_config.repetition_penalty = penalty
+        one_by_one = []
+        for p in prompts:
+            out = model.generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                eos_token_id=end_of_turn_ids(tok),
+            )  # fmt: skip
+            one_by_one.append(out[0, len(p) :].tolist())
+        assert batching.generate_batch(model, tok, prompts, 12, batch_size=3) == one_by_one
+        assert batching.generate_batch(model, tok, prompts, 12, batch_size=8) == one_by_one
+    assert batching.unsupported(model) == []
+    model.generation_config.no_repeat_ngram_size = 3
+    assert batching.unsupported(model) == ["no_repeat_ngram_size"]
