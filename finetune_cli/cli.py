@@ -299,7 +299,7 @@ def chat(
 def serve(
     targets: List[str] = typer.Argument(
         ...,
-        metavar="TARGET...",
+        metavar="TARGET",
         help="[NAME=]run directory, adapter folder, merged/HF model folder or base name; NAME defaults to the "
         "folder or model name. Adapters of one base share it; the base is served too, under its own name.",
     ),

@@ -287,8 +287,8 @@ def _wait_idle(server, timeout: float = 10) -> dict:
 
 
 def test_queue_full_is_503_and_a_dropped_stream_frees_its_slot(server):
-    """8 decoding + 2 waiting fill the server: the next request gets 503 at once; clients that go away mid-stream
-    cancel their generations (the slots free up) and the server keeps serving."""
+    """8 decoding + 2 waiting fill the server: the next request gets 503 at once; clients that go away (mid-stream,
+    or waiting for a whole answer) cancel their generations, the slots free up and the server keeps serving."""
     body = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400}
     with server.http() as http:
         streams = []
@@ -309,6 +309,10 @@ def test_queue_full_is_503_and_a_dropped_stream_frees_its_slot(server):
     assert health["running"] == health["waiting"] == 0
     cancelled = [int(n) for n in re.findall(r"completion_tokens=(\d+) finish=cancelled", server.text())]
     assert len(cancelled) >= 10 and all(n < 400 for n in cancelled)
+    with server.http() as http, pytest.raises(httpx.ReadTimeout):  # a client that stops waiting for its answer
+        http.post("/v1/chat/completions", json=body, timeout=1.5)
+    assert _wait_idle(server)["running"] == 0
+    assert re.search(r" 499 .*completion_tokens=\d+ finish=cancelled", server.text())
     r = server.client().chat.completions.create(model=BASE, messages=chat("Say hi."), max_tokens=3)
     assert r.choices[0].finish_reason == "length"
 
