@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import signal
 import socket
 import sys
@@ -179,9 +180,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # trailing whitespace and halves of UTF-8 characters
+
+
 class Text:
-    """The reply's text as tokens come: streamed up to the last whitespace (so a later token cannot change it) and
-    never into what may be the start of a stop text; a chat reply is stripped as `generate.reply` strips it."""
+    """The reply's text as tokens come. Sent as it grows, except what a later token may still change or cut: trailing
+    whitespace (tokenizers drop a space before punctuation; a chat reply is stripped as `generate.reply` strips
+    it), a trailing half of a UTF-8 character (decoded as U+FFFD) and the start of a stop text."""
 
     def __init__(self, tokenizer, stops: list[str], strip: bool):
         self.tokenizer, self.stops, self.strip = tokenizer, stops, strip
@@ -199,12 +204,13 @@ class Text:
             self.text = full[: min(found)]
             return "", True
         self.text = full
-        safe = max((i for i, ch in enumerate(full) if ch.isspace()), default=-1)
+        cut = len(full)
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(full)), 0, -1):
                 if full.endswith(stop[:k]):
-                    safe = min(safe, len(full) - k)
+                    cut = min(cut, len(full) - k)
                     break
+        safe = len(_UNSETTLED.sub("", full[:cut]))
         if safe <= self.sent:
             return "", False
         delta, self.sent = full[self.sent : safe], safe

@@ -226,6 +226,7 @@ def test_stop_texts_and_sampling(server, models):
     assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content
     zero = client.chat.completions.create(model=BASE, messages=chat("Name a fruit."), max_tokens=10, temperature=0)
     assert zero.choices[0].message.content == expected(models, BASE, chat("Name a fruit."), 10)["text"]
+    assert sampled[0].choices[0].message.content != zero.choices[0].message.content  # it did sample
 
 
 def _error(response, status: int, param=None, code=None) -> str:
@@ -423,3 +424,30 @@ def test_batched_greedy_equals_one_by_one(tiny_model_dir):
     assert batching.unsupported(model) == []
     model.generation_config.no_repeat_ngram_size = 3
     assert batching.unsupported(model) == ["no_repeat_ngram_size"]
+
+
+@pytest.mark.parametrize(
+    "text, stops, strip, final",
+    [
+        ("Héllo wörld, 日本語です! Done. ", ["!"], True, "Héllo wörld, 日本語です"),
+        ("Hello there! I am fine.", ["am f"], True, "Hello there! I"),
+        (" Hi  , there . ", [], True, "Hi  , there ."),
+        (" Hi  , there . ", [], False, " Hi  , there . "),
+        ('{"a": 1}\n\nEND more', ["END", "\n\nE"], False, '{"a": 1}'),
+    ],
+)
+def test_streamed_text_adds_up_to_the_reply(tokenizer, text, stops, strip, final):
+    """What streams token by token joins to the final reply: cut before a stop text, stripped for chat, and never
+    a piece that a later token takes back (half a UTF-8 character, a space before punctuation)."""
+    from finetune_cli.serve import Text
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    reply, pieces, stopped = Text(tokenizer, stops, strip), [], False
+    for i in range(1, len(ids) + 1):
+        piece, stopped = reply.feed(ids[:i])
+        pieces.append(piece)
+        if stopped:
+            break
+    assert stopped == bool(stops)
+    assert reply.final() == final and "".join(pieces) + reply.rest() == final
+    assert "\ufffd" not in "".join(pieces) and sum(map(bool, pieces)) > 2  # streamed in pieces
