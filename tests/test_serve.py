@@ -11,12 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx  # httpx and openai: test dependencies (pyproject's dev extra)
+import openai
 import pytest
-
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-0123456789"
@@ -131,12 +128,14 @@ def chat(messages_or_text, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": messages_or_text}]
 
 
+@pytest.mark.slow
 def test_models_are_the_run_and_its_base(server):
     ids = {m.id for m in server.client().models.list()}
     assert ids == {"tuned", BASE}
     assert "ready at http://127.0.0.1:" in server.text() and "tuned, smollm2-135m-instruct" in server.text()
 
 
+@pytest.mark.slow
 def test_chat_equals_ftune_generate(server, run_dir, models):
     """The tuned model's greedy answer is `ftune generate`'s, word for word; usage and finish_reason are right."""
     from typer.testing import CliRunner
@@ -159,6 +158,7 @@ def test_chat_equals_ftune_generate(server, run_dir, models):
     assert r.object == "chat.completion" and r.model == "tuned" and r.choices[0].message.role == "assistant"
 
 
+@pytest.mark.slow
 def test_base_is_served_without_the_adapter(server, models):
     """The same request to the base name gets the base model's answer, not the adapter's."""
     client = server.client()
@@ -171,6 +171,7 @@ def test_base_is_served_without_the_adapter(server, models):
     assert r.choices[0].message.content != tuned.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_chat_stream_adds_up_to_the_reply(server, models):
     """Streamed deltas join to the greedy reply; the role comes first, then finish_reason, then usage when asked."""
     chunks = list(
@@ -189,6 +190,7 @@ def test_chat_stream_adds_up_to_the_reply(server, models):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed, not in one piece
 
 
+@pytest.mark.slow
 def test_completions_raw_prompt(server, models):
     """/v1/completions continues the raw text (no chat template), streamed or not, as `model.generate` does."""
     model, tok = models[BASE]
@@ -205,6 +207,7 @@ def test_completions_raw_prompt(server, models):
     assert streamed[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_stop_texts_and_sampling(server, models):
     """`stop` cuts the reply before the stop text (finish_reason stop); a seed repeats a sampled reply."""
     client = server.client()
@@ -238,6 +241,7 @@ def _error(response, status: int, param=None, code=None) -> str:
     return body["error"]["message"]
 
 
+@pytest.mark.slow
 def test_errors_in_openai_shape(server):
     """401 without or with a wrong key, 404 for an unknown model, 400 for a bad body (never FastAPI's 422)."""
     ok = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -287,6 +291,7 @@ def _wait_idle(server, timeout: float = 10) -> dict:
             time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_queue_full_is_503_and_a_dropped_stream_frees_its_slot(server):
     """8 decoding + 2 waiting fill the server: the next request gets 503 at once; clients that go away (mid-stream,
     or waiting for a whole answer) cancel their generations, the slots free up and the server keeps serving."""
@@ -318,6 +323,7 @@ def test_queue_full_is_503_and_a_dropped_stream_frees_its_slot(server):
     assert r.choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_concurrent_clients_each_get_their_own_answer(server, models):
     """8 clients at once: each answer is the one it gets alone (greedy), and they were decoded together."""
     questions = [
@@ -346,6 +352,7 @@ def test_concurrent_clients_each_get_their_own_answer(server, models):
     assert len(batches) == 8 and max(batches) >= 2  # requests of one model decoded together
 
 
+@pytest.mark.slow
 def test_sse_framing_over_plain_http(server):
     """What curl sees: text/event-stream, `data: {json}` events separated by blank lines, `data: [DONE]` last."""
     body = {"model": BASE, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 5, "stream": True}
@@ -360,6 +367,7 @@ def test_sse_framing_over_plain_http(server):
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_sigterm_ends_in_flight_requests(server):
     """SIGTERM: the streaming request gets an error event, the server exits 0 within seconds. (Runs last of the
     tests that use the module's server: it stops it.)"""
@@ -376,6 +384,7 @@ def test_sigterm_ends_in_flight_requests(server):
     assert "serve: stopped" in server.text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130(tiny_server, tiny_model_dir):
     srv = tiny_server.ready()
     with srv.http(key=None) as http:
