@@ -338,6 +338,31 @@ def chat(
 
 
 @app.command()
+def serve(
+    targets: List[str] = typer.Argument(
+        ...,
+        metavar="TARGET",
+        help="[NAME=]run directory, adapter folder, merged/HF model folder or base name; NAME defaults to the "
+        "folder or model name. Adapters of one base share it; the base is served too, under its own name.",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: a free one)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="Require `Authorization: Bearer KEY` on /v1/ (default: $FTUNE_API_KEY, else none)."
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most requests decoded together."),
+    max_queue: int = typer.Option(
+        64, "--max-queue", min=0, help="Most requests waiting beyond the batch; more are refused with 503."
+    ),
+):
+    """Serve TARGETs behind an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from finetune_cli import serve as serving
+
+    key = api_key or os.environ.get("FTUNE_API_KEY") or None
+    raise typer.Exit(serving.run(targets, host, port, key, max_batch, max_queue, _state["debug"]))
+
+
+@app.command()
 def validate(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key (repeatable)."),
