@@ -154,7 +154,7 @@ def quickstart_run(tmp_path_factory, builtin_dir) -> tuple[Path, dict, str]:
     run = tmp_path_factory.mktemp("quickstart") / "run"
     ftune = Path(sys.executable).parent / "ftune"
     recipe = [ROOT / "recipes" / "quickstart.yaml", "--set", f"output.dir={run}", "--set", "training.precision=fp32"]
-    out = subprocess.run([ftune, "train", *recipe, "--json"], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([ftune, "train", *recipe, "--json"], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr
     return run, json.loads(out.stdout), out.stderr
 
