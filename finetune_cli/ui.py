@@ -46,6 +46,8 @@ def progress_callback():
         def on_log(self, args, state, control, logs=None, **kw):
             if "eval_perplexity" in logs and state.global_step > 0:
                 self.eval = f"  eval ppl {logs['eval_perplexity']:.3f}"
+            elif "eval_margin" in logs and state.global_step > 0:
+                self.eval = f"  eval margin {logs['eval_margin']:.3f} acc {logs['eval_accuracy']:.2f}"
             elif "loss" in logs:
                 elapsed = max(time.time() - self.start, 1e-9)
                 self.train = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
@@ -73,7 +75,13 @@ def train_summary(result: dict) -> None:
     if result.get("first_loss") is not None:
         table.add_row("train loss", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} (first -> last step)")
     before, after = result.get("eval_before"), result.get("eval_after")
-    if before and after:
+    if before and after and "margin" in after:
+        table.add_row(
+            "eval pairs",
+            f"margin {before['margin']:.3f} -> {after['margin']:.3f}   accuracy {before['accuracy']:.2f} -> "
+            f"{after['accuracy']:.2f}   ({after['pairs']:,} pairs)",
+        )
+    elif before and after:
         table.add_row(
             "eval loss",
             f"{before['loss']:.4f} -> {after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "

@@ -1,0 +1,190 @@
+"""Preference training (DPO): pairs read and checked line by line, the reply tokens scored exactly as SFT learns
+them, pair metrics against an independent computation, and a DPO run through the CLI (ln 2 first loss, margin up,
+an adapter plain PEFT loads, resume, ftune eval)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune_cli.cli import app
+from tests.conftest import write_jsonl
+
+runner = CliRunner()
+SYSTEM = "Answer with the number."
+
+
+def pair(i: int, form: str = "strings") -> dict:
+    question, good, bad = f"What is {i} plus 1?", f"The answer is {i + 1}.", "I do not know, sorry."
+    if form == "strings":
+        return {"prompt": question, "chosen": good, "rejected": bad, "id": i}  # an extra field: ignored
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    if form == "messages":
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
+    return {  # implicit prompt: two whole conversations sharing their first messages
+        "chosen": prompt + [{"role": "assistant", "content": good}],
+        "rejected": prompt + [{"role": "assistant", "content": bad}],
+    }
+
+
+def test_preference_lines_in_every_form_and_bad_lines_by_kind(tmp_path):
+    from finetune_cli.data import jsonl
+
+    good = [pair(0), pair(1, "messages"), pair(2, "implicit")]
+    bad = [
+        {"prompt": "Hi", "rejected": "no"},
+        {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        {"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "rejected": "b"},
+    ]
+    records, errors, fmt = jsonl.parse(write_jsonl(tmp_path / "p.jsonl", good + bad))
+    assert fmt == "preference"
+    assert [e.kind for e in errors] == ["missing chosen", "chosen equals rejected", "no prompt", "no prompt"]
+    assert [e.where.rsplit(":", 1)[1] for e in errors] == ["4", "5", "6", "7"]
+    assert records[0]["prompt"] == [{"role": "user", "content": "What is 0 plus 1?"}]
+    assert records[2]["prompt"] == pair(2, "messages")["prompt"] and records[1]["prompt"][0]["role"] == "system"
+    assert records[2]["chosen"] == [{"role": "assistant", "content": "The answer is 3."}]
+    renamed = [{"question": "Q?", "good": "yes", "bad": "no"}]
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    records, errors, fmt = jsonl.parse(write_jsonl(tmp_path / "r.jsonl", renamed), columns=columns)
+    assert not errors and fmt == "preference" and records[0]["rejected"][0]["content"] == "no"
+
+
+def test_scored_tokens_are_the_reply_and_its_end_of_turn(tokenizer):
+    from finetune_cli import preference
+
+    record = preference.convert(pair(5, "messages"), "x:1")
+    ex, truncated = preference.tokenize_pair(tokenizer, record, 512)
+    assert not truncated
+    assert tokenizer.decode(ex["chosen_ids"]) == "The answer is 6.<|im_end|>"  # no newline, no second EOS
+    assert tokenizer.decode(ex["rejected_ids"]) == "I do not know, sorry.<|im_end|>"
+    prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ex["prompt_ids"]) == prompt
+    cut, truncated = preference.tokenize_pair(tokenizer, record, len(ex["prompt_ids"]) + 3)
+    assert truncated and len(cut["chosen_ids"]) == 3
+    assert preference.tokenize_pair(tokenizer, record, len(ex["prompt_ids"]))[0] is None  # nothing left to score
+
+
+def test_pair_metrics_equal_an_independent_computation(tiny_model_dir, tokenizer):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune_cli import preference
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    records = [preference.convert(pair(i, "messages"), f"x:{i}") for i in range(5)]
+    examples = [preference.tokenize_pair(tokenizer, r, 512)[0] for r in records]
+    got = preference.pair_metrics(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+
+    def logp(prompt, reply) -> float:  # the template rendered by the tokenizer; the reply closes with <|im_end|>
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+        assert full.startswith(head)
+        body = full[len(head) :].split("<|im_end|>")[0] + "<|im_end|>"
+        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        r = tokenizer(body, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].double()
+        logps = torch.log_softmax(logits, -1)
+        return float(sum(logps[len(p) - 1 + k, tok] for k, tok in enumerate(r)))
+
+    diffs = [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in records]
+    assert got["pairs"] == 5
+    assert got["margin"] == pytest.approx(sum(diffs) / 5, abs=1e-4)
+    assert got["accuracy"] == sum(d > 0 for d in diffs) / 5
+
+
+def dpo_recipe(folder: Path, model_dir: Path, steps: int = 6, extra: str = "") -> Path:
+    write_jsonl(folder / "train.jsonl", [pair(i, ("strings", "messages", "implicit")[i % 3]) for i in range(12)])
+    write_jsonl(folder / "eval.jsonl", [pair(i + 50, "messages") for i in range(4)])
+    recipe = folder / "dpo.yaml"
+    recipe.write_text(
+        f"model:\n  base: {model_dir}\ndata:\n  train: train.jsonl\n  eval: eval.jsonl\n  max_length: 96\n"
+        "method:\n  r: 8\n  alpha: 16\n"
+        f"training:\n  objective: dpo\n  beta: 0.1\n  max_steps: {steps}\n  batch_size: 4\n"
+        f"  learning_rate: 1.0e-2\n  save_steps: 2\n{extra}"
+        f"output:\n  dir: {folder / 'run'}\n"
+    )
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("dpo")
+    recipe = dpo_recipe(folder, tiny_model_dir)
+    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    return recipe, folder / "run"
+
+
+def test_dpo_run_starts_at_ln2_raises_the_margin_and_saves_a_peft_adapter(dpo_run, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run = dpo_run
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["objective"] == "dpo"
+    assert info["first_loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA's B is zero: policy = reference
+    before, after = info["eval_before"], info["eval_after"]
+    assert before["pairs"] == after["pairs"] == 4
+    assert after["margin"] > before["margin"] + 1.0  # held-out pairs
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(rows[1])
+    assert [r["step"] for r in rows if "eval_margin" in r] == [0, 6]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_ftune_eval_reports_pair_metrics_for_both_models(dpo_run):
+    _, run = dpo_run
+    result = runner.invoke(app, ["eval", str(run), "--compare-base", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    info = json.loads((run / "run.json").read_text())
+    assert out["results"]["tuned"]["margin"] == pytest.approx(info["eval_after"]["margin"], abs=1e-4)
+    assert out["results"]["base"]["margin"] == pytest.approx(info["eval_before"]["margin"], abs=1e-4)
+    assert out["change"]["margin"] > 1.0
+
+
+def test_dpo_resume_after_interruption(dpo_run, tmp_path):
+    from transformers import TrainerCallback
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import train as training
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    recipe, done = dpo_run
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.run(recipes.load(recipe, [f"output.dir={out}"]), callbacks=[Interrupt()], samples=0)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    result = runner.invoke(app, ["train", str(out), "--resume", "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    expected = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_margin"] == pytest.approx(expected[-1]["eval_margin"], abs=1e-3)
+
+
+def test_objective_and_data_must_match(tmp_path, tiny_model_dir):
+    recipe = dpo_recipe(tmp_path, tiny_model_dir)
+    result = runner.invoke(app, ["train", str(recipe), "--set", "training.objective=sft", "--set", "training.beta="])
+    assert result.exit_code == 2 and "training.objective: dpo" in result.output
+    result = runner.invoke(app, ["train", str(recipe), "--set", "training.objective=sft"])
+    assert result.exit_code == 2 and "training.beta applies to training.objective dpo" in result.output
+    result = runner.invoke(app, ["train", str(recipe), "--set", "training.loss_type=[sigmoidd]"])
+    assert result.exit_code == 2 and "training.loss_type" in result.output
