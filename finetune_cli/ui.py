@@ -124,6 +124,8 @@ def eval_progress():
 
 
 def eval_summary(result: dict) -> None:
+    if any("margin" in r for r in result["results"].values()):
+        return pair_summary(result)
     table = Table(title=f"ftune eval {result['target']}", title_justify="left")
     for col in ("model", "scored tokens", "NLL", "loss", "perplexity"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -134,6 +136,22 @@ def eval_summary(result: dict) -> None:
     if "change" in result:
         c = result["change"]
         console.print(f"perplexity change: {c['perplexity']:+.4f} ({100 * c['relative']:+.1f}%)")
+    console.print(f"data: {', '.join(result['data'])}")
+
+
+def pair_summary(result: dict) -> None:
+    """Pair metrics per model: accuracy (chosen more likely than rejected) and the mean log-probability margin."""
+    table = Table(title=f"ftune eval {result['target']}", title_justify="left")
+    for col in ("model", "pairs", "accuracy", "margin", "chosen logp", "rejected logp"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in result["results"].items():
+        label = {"base": f"base ({result['base']})", "tuned": "fine-tuned"}.get(name, name)
+        row = [f"{r['accuracy']:.3f}", f"{r['margin']:.3f}", f"{r['chosen_logps']:.2f}", f"{r['rejected_logps']:.2f}"]
+        table.add_row(label, f"{r['pairs']:,}", *row)
+    console.print(table)
+    if "change" in result:
+        c = result["change"]
+        console.print(f"change: accuracy {c['accuracy']:+.3f}, margin {c['margin']:+.3f}")
     console.print(f"data: {', '.join(result['data'])}")
 
 

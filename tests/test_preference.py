@@ -119,26 +119,41 @@ def dpo_recipe(folder: Path, model_dir: Path, steps: int = 6, extra: str = "") -
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model_dir):
+    """A DPO run interrupted inside step 3 (checkpoint at step 2), then resumed to its end with --resume."""
+    from transformers import TrainerCallback
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import train as training
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
     folder = tmp_path_factory.mktemp("dpo")
     recipe = dpo_recipe(folder, tiny_model_dir)
-    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", "--json"])
+    with pytest.raises(KeyboardInterrupt):
+        training.run(recipes.load(recipe), callbacks=[Interrupt()], samples=0)
+    assert json.loads((folder / "run" / "run.json").read_text())["status"] == "interrupted"
+    result = runner.invoke(app, ["train", str(folder / "run"), "--resume", "--samples", "0"])
     assert result.exit_code == 0, result.output
     return recipe, folder / "run"
 
 
-def test_dpo_run_starts_at_ln2_raises_the_margin_and_saves_a_peft_adapter(dpo_run, tiny_model_dir):
+def test_dpo_run_starts_at_ln2_resumes_raises_the_margin_and_saves_a_peft_adapter(dpo_run, tiny_model_dir):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     _, run = dpo_run
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed" and info["objective"] == "dpo"
-    assert info["first_loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA's B is zero: policy = reference
+    assert info["status"] == "completed" and info["objective"] == "dpo" and "checkpoint-2" in info["resumed_from"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # step 3 again after the resume
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA's B is zero: policy = reference
     before, after = info["eval_before"], info["eval_after"]
     assert before["pairs"] == after["pairs"] == 4
     assert after["margin"] > before["margin"] + 1.0  # held-out pairs
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(rows[1])
     assert [r["step"] for r in rows if "eval_margin" in r] == [0, 6]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
@@ -154,30 +169,6 @@ def test_ftune_eval_reports_pair_metrics_for_both_models(dpo_run):
     assert out["results"]["tuned"]["margin"] == pytest.approx(info["eval_after"]["margin"], abs=1e-4)
     assert out["results"]["base"]["margin"] == pytest.approx(info["eval_before"]["margin"], abs=1e-4)
     assert out["change"]["margin"] > 1.0
-
-
-def test_dpo_resume_after_interruption(dpo_run, tmp_path):
-    from transformers import TrainerCallback
-
-    from finetune_cli import recipe as recipes
-    from finetune_cli import train as training
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-
-    recipe, done = dpo_run
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        training.run(recipes.load(recipe, [f"output.dir={out}"]), callbacks=[Interrupt()], samples=0)
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    result = runner.invoke(app, ["train", str(out), "--resume", "--samples", "0"])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    expected = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["eval_margin"] == pytest.approx(expected[-1]["eval_margin"], abs=1e-3)
 
 
 def test_objective_and_data_must_match(tmp_path, tiny_model_dir):
