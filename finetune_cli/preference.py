@@ -117,6 +117,30 @@ def tokenize_pair(tokenizer, record: dict, max_length: int) -> tuple[dict | None
     return {"prompt_ids": prompt_c, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room]}, truncated
 
 
+def count(tokenizer, record: dict, max_length: int, system_prompt: str | None = None) -> dict:
+    """`ftune validate`'s counts for one pair before truncation: prompt, chosen and rejected tokens, the scored
+    tokens (both replies) and how many of them truncation to max_length loses."""
+    record = with_system(record, system_prompt)
+    whole, _ = tokenize_pair(tokenizer, record, UNLIMITED)
+    kept, _ = tokenize_pair(tokenizer, record, max_length)
+    learned = len(whole["chosen_ids"]) + len(whole["rejected_ids"])
+    longest = len(whole["prompt_ids"]) + max(len(whole["chosen_ids"]), len(whole["rejected_ids"]))
+    return {
+        "tokens": longest,
+        "learned": learned,
+        "lost": learned - (len(kept["chosen_ids"]) + len(kept["rejected_ids"]) if kept else 0),
+        "over": longest > max_length,
+        "prompt": len(whole["prompt_ids"]),
+        "chosen": len(whole["chosen_ids"]),
+        "rejected": len(whole["rejected_ids"]),
+    }
+
+
+def part_stats(counts: list[dict], spread) -> dict:
+    """Token spreads of prompts, chosen and rejected replies (before truncation)."""
+    return {f"{part}_tokens": spread([c[part] for c in counts if part in c]) for part in ("prompt", *FIELDS)}
+
+
 def tokenize_all(tokenizer, records: list[dict], max_length: int, system_prompt: str | None = None):
     """Tokenized pairs and counts (`examples`, `truncated`, `dropped`: prompt alone over max_length, tokens)."""
     if not getattr(tokenizer, "is_fast", False):

@@ -179,3 +179,22 @@ def test_objective_and_data_must_match(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "training.beta applies to training.objective dpo" in result.output
     result = runner.invoke(app, ["train", str(recipe), "--set", "training.loss_type=[sigmoidd]"])
     assert result.exit_code == 2 and "training.loss_type" in result.output
+
+
+def test_validate_reports_pairs_by_kind_with_token_counts_and_preview_shows_both(tmp_path, tiny_model_dir, tokenizer):
+    recipe = dpo_recipe(tmp_path, tiny_model_dir)
+    result = runner.invoke(app, ["preview", str(recipe), "--index", "1", "--json"])
+    chosen, rejected = json.loads(result.stdout)
+    assert chosen["source"].endswith("(chosen)") and rejected["source"].endswith("(rejected)")
+    scored = "".join(t["text"] for t in rejected["tokens"] if t["learned"])
+    assert scored == "I do not know, sorry.<|im_end|>"
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}) + "\n")
+        f.write(json.dumps({"prompt": "Hi", "chosen": "Hello."}) + "\n")
+    result = runner.invoke(app, ["validate", str(recipe), "--json"])
+    report = json.loads(result.stdout)
+    assert set(report["errors"]) == {"chosen equals rejected", "missing rejected"}
+    assert report["errors"]["missing rejected"][0]["where"].endswith("train.jsonl:14")
+    assert report["stats"]["examples"] == 12 and not any("duplicate" in w for w in report["warnings"])
+    longest = max(len(tokenizer(f"The answer is {i + 1}.<|im_end|>")["input_ids"]) for i in range(12))
+    assert report["stats"]["pairs"]["chosen_tokens"]["max"] == longest
