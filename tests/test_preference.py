@@ -198,3 +198,51 @@ def test_validate_reports_pairs_by_kind_with_token_counts_and_preview_shows_both
     assert report["stats"]["examples"] == 12 and not any("duplicate" in w for w in report["warnings"])
     longest = max(len(tokenizer(f"The answer is {i + 1}.<|im_end|>")["input_ids"]) for i in range(12))
     assert report["stats"]["pairs"]["chosen_tokens"]["max"] == longest
+
+
+def test_fuzz_preference_lines(tmp_path, tiny_model_dir):
+    """Mutated preference lines: validate lists each bad one by line (exit 1) and train refuses with one
+    `error:` line naming it (exit 2), before any weights load; never a traceback."""
+    import random
+
+    import yaml
+
+    rng = random.Random(7)
+    values = [None, "", " ", 3, [], {}, [1], "ok", [{"role": "user", "content": "hi"}], [{"role": "bot"}], {"a": 1}]
+    trained = 0
+    for case in range(8):
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        lines = [pair(i, rng.choice(["strings", "messages", "implicit"])) for i in range(4)]
+        bad = rng.randrange(1, 4)
+        line = lines[bad]
+        for _ in range(rng.randint(1, 2)):
+            key = rng.choice(["prompt", "chosen", "rejected"])
+            if rng.random() < 0.3:
+                line.pop(key, None)
+            else:
+                line[key] = rng.choice(values)
+        write_jsonl(folder / "train.jsonl", lines)
+        write_jsonl(folder / "eval.jsonl", [pair(9)])
+        recipe = {
+            "model": {"base": str(tiny_model_dir)},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
+            "training": {"objective": "dpo", "max_steps": 1, "batch_size": 2},
+            "output": {"dir": str(folder / "out")},
+        }
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        where = f"case {case}: {json.dumps(line)}"
+        check = runner.invoke(app, ["validate", str(folder / "recipe.yaml"), "--json"])
+        assert check.exit_code in (0, 1) and "Traceback" not in check.output, where
+        report = json.loads(check.stdout)
+        listed = {int(e["where"].rsplit(":", 1)[1]) for items in report["errors"].values() for e in items}
+        if check.exit_code == 0:  # a mutation that is still a valid pair (e.g. "ok" as a reply)
+            continue
+        assert listed == {bad + 1}, (where, report["errors"])
+        if trained == 3:
+            continue
+        trained += 1
+        result = runner.invoke(app, ["train", str(folder / "recipe.yaml"), "--samples", "0"])
+        errors = [x for x in result.stderr.strip().splitlines() if x.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and f"train.jsonl:{bad + 1}:" in errors[0], where
+        assert not (folder / "out").exists(), where
