@@ -15,7 +15,7 @@ from finetune_cli.data.masking import IGNORE, tokenize
 from finetune_cli.errors import FtuneError
 
 FIELDS = ("chosen", "rejected")
-OBJECTIVES = ("dpo",)  # the objectives that train on preference pairs
+OBJECTIVES = ("dpo", "orpo")  # the objectives that train on preference pairs
 UNLIMITED = 1 << 40
 
 
@@ -79,7 +79,8 @@ def check_data(objective: str, train: list[dict], evals: list[dict], path: str) 
         )
     if objective not in OBJECTIVES and (pairs or is_pairs(evals)):
         raise FtuneError(
-            f"{path}: this data holds preference pairs (chosen/rejected); set training.objective: dpo to train on them"
+            f"{path}: this data holds preference pairs (chosen/rejected); "
+            "set training.objective: dpo (or orpo) to train on them"
         )
     if objective in OBJECTIVES and evals and not is_pairs(evals):
         raise FtuneError(f"{path}: the eval data of a {objective} run must be preference pairs too")

@@ -135,11 +135,11 @@ DpoLoss = Literal[
     "sigmoid_norm",
 ]
 # each preference objective's settings, under TRL's names, with TRL's defaults (filled in when the objective is set)
-OBJECTIVE_SETTINGS = {"dpo": {"beta": 0.1, "loss_type": ["sigmoid"]}}
+OBJECTIVE_SETTINGS = {"dpo": {"beta": 0.1, "loss_type": ["sigmoid"]}, "orpo": {"beta": 0.1}}
 
 
 class TrainingSection(_Section):
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
     beta: float | None = Field(default=None, gt=0)
     loss_type: list[DpoLoss] | None = Field(default=None, min_length=1)
     epochs: float = Field(default=3, gt=0)

@@ -79,6 +79,8 @@ def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out
     """The trainer for the recipe's objective: SFT (FtuneTrainer) or a preference objective (FtuneDPOTrainer)."""
     if recipe.training.objective == "dpo":
         return build_dpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    if recipe.training.objective == "orpo":
+        return build_orpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
     return build_sft(recipe, source, model, tokenizer, train_examples, out, callbacks)
 
 
@@ -186,9 +188,52 @@ def build_dpo(recipe, source: str, model, tokenizer, train_examples: list[dict],
     return trainer
 
 
+def build_orpo(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The ORPO trainer (TRL's experimental ORPOTrainer): the chosen reply's NLL plus `beta` times the odds-ratio
+    loss; no reference model."""
+    import datasets
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    class FtuneORPOTrainer(ORPOTrainer):
+        """ORPOTrainer on ftune's tokenized pairs: TRL's tokenize_row would add BOS and EOS tokens of its own."""
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for key in preference.FIELDS:
+                reply = feature[f"{key}_ids"]
+                row[f"{key}_input_ids"] = prompt + reply
+                row[f"{key}_attention_mask"] = [1] * (len(prompt) + len(reply))
+                row[f"{key}_labels"] = [-100] * len(prompt) + reply
+            return row
+
+    t, method = recipe.training, recipe.method
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_examples)
+    args = ORPOConfig(
+        **_arguments(recipe, out),
+        beta=t.beta,
+        max_length=longest,  # pairs are truncated by us: TRL's own truncation never applies
+        include_num_input_tokens_seen="no",
+    )
+    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    trainer = FtuneORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def packing_applies(recipe) -> bool:
-    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example)."""
-    return recipe.training.packing and recipe.method.name != "prompt_tuning"
+    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example) and
+    preference objectives (TRL pads their pairs)."""
+    t = recipe.training
+    return t.packing and recipe.method.name != "prompt_tuning" and t.objective == "sft"
 
 
 def micro_batch_tokens(recipe) -> int | None:

@@ -246,3 +246,19 @@ def test_fuzz_preference_lines(tmp_path, tiny_model_dir):
         errors = [x for x in result.stderr.strip().splitlines() if x.startswith("error:")]
         assert result.exit_code == 2 and len(errors) == 1 and f"train.jsonl:{bad + 1}:" in errors[0], where
         assert not (folder / "out").exists(), where
+
+
+def test_orpo_run_completes_and_saves_an_adapter_peft_loads(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, steps=2)
+    sets = ["--set", "training.objective=orpo", "--set", "training.loss_type=", "--set", "training.save_steps="]
+    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", *sets])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert info["objective"] == "orpo" and info["steps"] == 2 and info["eval_after"]["pairs"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "rewards/margins" in rows[1] and math.isfinite(rows[1]["loss"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
