@@ -1,6 +1,6 @@
-"""Preference data (a better and a worse reply to one prompt) for the DPO objective: reading pairs, tokenizing
-them with the chat template exactly as SFT does, and the pair metrics (`accuracy`, `margin`) that training's eval
-and `ftune eval` report.
+"""Preference data for the DPO, ORPO and KTO objectives: pairs (a better and a worse reply to one prompt) and
+KTO's unpaired replies labelled desirable or not; tokenizing them with the chat template exactly as SFT does, and
+the pair metrics (`accuracy`, `margin`) that training's eval and `ftune eval` report.
 
 A pair's scored tokens are its reply and the end-of-turn token that closes it (masking.learned_spans on the
 last assistant turn): the template's trailing newline and any EOS it would add again are never scored.
@@ -15,7 +15,7 @@ from finetune_cli.data.masking import IGNORE, tokenize
 from finetune_cli.errors import FtuneError
 
 FIELDS = ("chosen", "rejected")
-OBJECTIVES = ("dpo", "orpo")  # the objectives that train on preference pairs
+OBJECTIVES = ("dpo", "orpo", "kto")  # the objectives that train on preference data
 UNLIMITED = 1 << 40
 
 
@@ -65,25 +65,57 @@ def _part(record: dict, key: str, role: str, where: str) -> list[dict]:
     raise LineError("wrong type", where, f'"{key}" must be a string or a list of messages')
 
 
+def convert_unpaired(record: dict, where: str) -> dict:
+    """One KTO line {"prompt", "completion", "label": true|false} as {"prompt": [...], "completion": [assistant],
+    "label": bool}; raise LineError. Other fields are ignored."""
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise LineError(
+                f"missing {key}", where, f'missing field "{key}": a KTO line needs prompt, completion, label'
+            )
+    if not isinstance(record.get("label"), bool):
+        raise LineError("wrong type", where, '"label" must be true (a desirable reply) or false (an undesirable one)')
+    prompt, completion = _part(record, "prompt", "user", where), _part(record, "completion", "assistant", where)
+    if not any(m["content"].strip() for m in prompt):
+        raise LineError("no prompt", where, 'no prompt: "prompt" is empty')
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise LineError("wrong message order", where, '"completion" must be one assistant reply to the prompt')
+    completion[0].pop("train", None)
+    check(prompt + completion, where)
+    return {"prompt": prompt, "completion": completion, "label": record["label"]}
+
+
 def is_pairs(records: list[dict]) -> bool:
     return any("chosen" in r for r in records)
 
 
+def is_preference(records: list[dict]) -> bool:
+    return any("chosen" in r or "label" in r for r in records)
+
+
 def check_data(objective: str, train: list[dict], evals: list[dict], path: str) -> None:
-    """Preference objectives need pairs, SFT needs conversations or text: say which key to change."""
-    pairs = is_pairs(train)
-    if objective in OBJECTIVES and not pairs:
+    """Preference objectives need their data (pairs; KTO also labelled replies), SFT needs conversations or text,
+    and the eval data of a preference run is pairs (scored by accuracy and margin): say which key to change."""
+    if objective not in OBJECTIVES:
+        if is_preference(train + evals):
+            raise FtuneError(
+                f"{path}: this data holds preference pairs or labelled replies; "
+                "set training.objective: dpo, orpo or kto to train on them"
+            )
+        return
+    kinds = "preference pairs or labelled replies" if objective == "kto" else "preference pairs"
+    wrong = [r for r in train if not ("chosen" in r or (objective == "kto" and "label" in r))]
+    if wrong:
         raise FtuneError(
-            f"{path}: training.objective is {objective}, which trains on preference pairs "
-            '({"prompt", "chosen", "rejected"}); this data has none. Use training.objective: sft for it'
+            f"{wrong[0]['source']}: training.objective is {objective}, which trains on {kinds} "
+            '({"prompt", "chosen", "rejected"}'
+            + (', or {"prompt", "completion", "label"}' * (objective == "kto"))
+            + "); this line is not one. Use training.objective: sft for such data"
         )
-    if objective not in OBJECTIVES and (pairs or is_pairs(evals)):
+    if evals and not all("chosen" in r for r in evals):
         raise FtuneError(
-            f"{path}: this data holds preference pairs (chosen/rejected); "
-            "set training.objective: dpo (or orpo) to train on them"
+            f"{path}: the eval data of a {objective} run must be preference pairs (scored by accuracy and margin)"
         )
-    if objective in OBJECTIVES and evals and not is_pairs(evals):
-        raise FtuneError(f"{path}: the eval data of a {objective} run must be preference pairs too")
 
 
 def with_system(record: dict, system_prompt: str | None) -> dict:
@@ -100,6 +132,25 @@ def _reply_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     if not scored:
         raise ValueError("the reply has no tokens after rendering")
     return out["input_ids"][: scored[0]], out["input_ids"][scored[0] : scored[-1] + 1]
+
+
+def tokenize_reply(tokenizer, prompt: list[dict], reply: list[dict], max_length: int) -> tuple[dict | None, bool]:
+    """KTO's {"prompt_ids", "completion_ids"} (None when the prompt alone fills max_length) and whether it was cut."""
+    prompt_ids, completion = _reply_tokens(tokenizer, prompt + reply)
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        return None, True
+    return {"prompt_ids": prompt_ids, "completion_ids": completion[:room]}, len(completion) > room
+
+
+def unpair(record: dict) -> list[dict]:
+    """KTO's view of a record: a labelled reply as it is; a pair as its chosen (desirable) and rejected replies."""
+    if "label" in record:
+        return [record]
+    return [
+        {"prompt": record["prompt"], "completion": record["chosen"], "label": True},
+        {"prompt": record["prompt"], "completion": record["rejected"], "label": False},
+    ]
 
 
 def tokenize_pair(tokenizer, record: dict, max_length: int) -> tuple[dict | None, bool]:
@@ -122,6 +173,19 @@ def count(tokenizer, record: dict, max_length: int, system_prompt: str | None = 
     """`ftune validate`'s counts for one pair before truncation: prompt, chosen and rejected tokens, the scored
     tokens (both replies) and how many of them truncation to max_length loses."""
     record = with_system(record, system_prompt)
+    if "label" in record:  # a KTO line: one reply
+        whole, _ = tokenize_reply(tokenizer, record["prompt"], record["completion"], UNLIMITED)
+        kept, _ = tokenize_reply(tokenizer, record["prompt"], record["completion"], max_length)
+        longest = len(whole["prompt_ids"]) + len(whole["completion_ids"])
+        learned = len(whole["completion_ids"])
+        return {
+            "tokens": longest,
+            "learned": learned,
+            "lost": learned - (len(kept["completion_ids"]) if kept else 0),
+            "over": longest > max_length,
+            "prompt": len(whole["prompt_ids"]),
+            "completion": learned,
+        }
     whole, _ = tokenize_pair(tokenizer, record, UNLIMITED)
     kept, _ = tokenize_pair(tokenizer, record, max_length)
     learned = len(whole["chosen_ids"]) + len(whole["rejected_ids"])
@@ -139,30 +203,43 @@ def count(tokenizer, record: dict, max_length: int, system_prompt: str | None = 
 
 def part_stats(counts: list[dict], spread) -> dict:
     """Token spreads of prompts, chosen and rejected replies (before truncation)."""
-    return {f"{part}_tokens": spread([c[part] for c in counts if part in c]) for part in ("prompt", *FIELDS)}
+    parts = [p for p in ("prompt", *FIELDS, "completion") if any(p in c for c in counts)]
+    return {f"{part}_tokens": spread([c[part] for c in counts if part in c]) for part in parts}
 
 
-def tokenize_all(tokenizer, records: list[dict], max_length: int, system_prompt: str | None = None):
-    """Tokenized pairs and counts (`examples`, `truncated`, `dropped`: prompt alone over max_length, tokens)."""
+def tokenize_all(
+    tokenizer, records: list[dict], max_length: int, system_prompt: str | None = None, unpaired: bool = False
+):
+    """Tokenized pairs, or with `unpaired` KTO's labelled replies, and counts (`examples`, `truncated`,
+    `dropped`: the prompt alone over max_length, tokens, `learned_tokens`: the scored ones)."""
     if not getattr(tokenizer, "is_fast", False):
         raise FtuneError("this tokenizer has no fast (Rust) version; ftune needs character offsets to mask the loss")
     examples, truncated, dropped = [], 0, 0
     for record in records:
         try:
-            ex, cut = tokenize_pair(tokenizer, with_system(record, system_prompt), max_length)
+            record = with_system(record, system_prompt)
+            if unpaired:
+                made = []
+                for one in unpair(record):
+                    ex, cut = tokenize_reply(tokenizer, one["prompt"], one["completion"], max_length)
+                    made.append((ex and {**ex, "label": one["label"]}, cut))
+            else:
+                made = [tokenize_pair(tokenizer, record, max_length)]
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or our span search
-            raise FtuneError(f"{record['source']}: chat template cannot render this pair: {exc}") from None
-        truncated += cut
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
+            raise FtuneError(f"{record['source']}: chat template cannot render this example: {exc}") from None
+        for ex, cut in made:
+            truncated += cut
+            if ex is None:
+                dropped += 1
+            else:
+                examples.append(ex)
+    replies = ("completion_ids",) if unpaired else ("chosen_ids", "rejected_ids")
     stats = {
         "examples": len(examples),
         "truncated": truncated,
         "dropped": dropped,
-        "tokens": sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples),
-        "learned_tokens": sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples),
+        "tokens": sum(len(e["prompt_ids"]) * len(replies) + sum(len(e[k]) for k in replies) for e in examples),
+        "learned_tokens": sum(sum(len(e[k]) for k in replies) for e in examples),
         "cache": "off",
     }
     return examples, stats

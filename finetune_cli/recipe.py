@@ -46,7 +46,9 @@ MAX_WEIGHT = 1000  # a file repeated more often than this is a typo, and 1e300 c
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 NEWLINE = "\n"
 
-Format = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference"]
+Format = Literal[
+    "auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "unpaired_preference"
+]
 Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
 
@@ -135,13 +137,19 @@ DpoLoss = Literal[
     "sigmoid_norm",
 ]
 # each preference objective's settings, under TRL's names, with TRL's defaults (filled in when the objective is set)
-OBJECTIVE_SETTINGS = {"dpo": {"beta": 0.1, "loss_type": ["sigmoid"]}, "orpo": {"beta": 0.1}}
+OBJECTIVE_SETTINGS = {
+    "dpo": {"beta": 0.1, "loss_type": ["sigmoid"]},
+    "orpo": {"beta": 0.1},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+}
 
 
 class TrainingSection(_Section):
-    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
     beta: float | None = Field(default=None, gt=0)
     loss_type: list[DpoLoss] | None = Field(default=None, min_length=1)
+    desirable_weight: float | None = Field(default=None, gt=0)
+    undesirable_weight: float | None = Field(default=None, gt=0)
     epochs: float = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -174,7 +182,7 @@ class TrainingSection(_Section):
     @model_validator(mode="after")
     def _objective_settings(self):
         settings = OBJECTIVE_SETTINGS.get(self.objective, {})
-        for key in ("beta", "loss_type"):
+        for key in ("beta", "loss_type", "desirable_weight", "undesirable_weight"):
             if key not in settings and getattr(self, key) is not None:
                 owners = " / ".join(o for o, s in OBJECTIVE_SETTINGS.items() if key in s)
                 raise ValueError(

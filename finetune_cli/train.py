@@ -58,7 +58,7 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
     preference.check_data(t.objective, plan.train, plan.eval, recipe.data.files()[0].path)
     plan.source = models.resolve(m.base)
     models.check_config(plan.source, m.trust_remote_code)
-    chat = any("messages" in r or "chosen" in r for r in plan.train + plan.eval)
+    chat = any("messages" in r or "prompt" in r for r in plan.train + plan.eval)
     plan.tokenizer = models.load_tokenizer(plan.source, m.chat_template, m.trust_remote_code, require_template=chat)
     return plan
 
@@ -104,7 +104,7 @@ def _tokenize(recipe, plan: Plan) -> None:
     shared = d.cache or launch.world_size() > 1  # the other ranks read what the first one tokenized
     if recipe.training.objective in preference.OBJECTIVES:  # pairs: quick to tokenize, not cached
         plan.train_examples, plan.stats["train"] = preference.tokenize_all(
-            plan.tokenizer, plan.train, d.max_length, d.system_prompt
+            plan.tokenizer, plan.train, d.max_length, d.system_prompt, unpaired=recipe.training.objective == "kto"
         )
         if plan.eval:
             plan.eval_examples, plan.stats["eval"] = preference.tokenize_all(
@@ -148,7 +148,9 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
     effective = t.batch_size * t.gradient_accumulation * processes
     log(
         f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
-        f"process{'es' if processes > 1 else ''} = {effective} sequences per step"
+        f"process{'es' if processes > 1 else ''} = {effective} "
+        + ("pairs" if t.objective in ("dpo", "orpo") else "sequences" if t.objective == "sft" else "replies")
+        + " per step"
         + (f" ({strategy})" if processes > 1 else "")
         + (f"; packed micro-batches run in passes of at most {budget} tokens" if budget else "")
     )

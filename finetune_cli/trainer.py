@@ -16,7 +16,9 @@ listed here, with why, and the test that fails if an upgrade breaks it:
   `input_ids`/`labels` as they are. tests/test_masking.py, tests/test_speed.py (packed losses).
 - `DPOTrainer._prepare_dataset(dataset, processing_class, args, name)` returned as is (FtuneDPOTrainer): TRL takes
   our tokenized `prompt_ids`/`chosen_ids`/`rejected_ids`. tests/test_preference.py (the first DPO loss is ln 2;
-  scored tokens equal the pair metrics' own).
+  scored tokens equal the pair metrics' own). The same for `KTOTrainer._prepare_dataset` (FtuneKTOTrainer, which
+  adds only TRL's rotated `KL_completion_ids`) and the experimental `ORPOTrainer.tokenize_row` (build_orpo).
+  tests/test_preference.py (KTO and ORPO runs).
 - accelerate's `model._original_forward` (perplexity._without_autocast): eval during bf16/fp16 training runs
   without the autocast wrapper. tests/test_rundir.py (test_eval_before_after_and_ftune_eval_agree_under_bf16).
 - transformers' `AttentionInterface`/`AttentionMaskInterface.register`, `set_attn_implementation`,
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 from transformers import PrinterCallback, TrainerCallback
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from finetune_cli import attention, files, launch, methods, microbatch, preference, rundir
 from finetune_cli.errors import FAILED, FtuneError
@@ -81,6 +83,8 @@ def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out
         return build_dpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
     if recipe.training.objective == "orpo":
         return build_orpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    if recipe.training.objective == "kto":
+        return build_kto(recipe, source, model, tokenizer, train_examples, out, callbacks)
     return build_sft(recipe, source, model, tokenizer, train_examples, out, callbacks)
 
 
@@ -218,6 +222,50 @@ def build_orpo(recipe, source: str, model, tokenizer, train_examples: list[dict]
     )
     columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
     trainer = FtuneORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class FtuneKTOTrainer(KTOTrainer):
+    """TRL's KTOTrainer on labelled replies ftune tokenized (preference.tokenize_reply); only the KL completions
+    (each batch's replies rotated by one, as TRL does) are added here."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+
+        def rotate(batch):
+            return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+def build_kto(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The KTO trainer: desirable and undesirable replies (pairs count as one of each); with an adapter the
+    reference is the base with the adapter switched off, as for DPO."""
+    import datasets
+
+    t, method = recipe.training, recipe.method
+    if t.batch_size < 2:
+        raise FtuneError("training.batch_size: KTO estimates its KL term from a batch's other replies; use 2 or more")
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    args = KTOConfig(
+        **_arguments(recipe, out),
+        beta=t.beta,
+        desirable_weight=t.desirable_weight,
+        undesirable_weight=t.undesirable_weight,
+        max_length=None,  # replies are truncated by us, with counts reported
+        include_num_input_tokens_seen="non_padding",
+    )
+    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "completion_ids", "label")}
+    trainer = FtuneKTOTrainer(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_dict(columns),

@@ -20,6 +20,8 @@ from finetune_cli.errors import FtuneError
 from finetune_cli.preference import FIELDS
 from finetune_cli.results import ValidateReport
 
+PREFERENCE_KEYS = ("prompt", *FIELDS, "completion", "label")
+
 UNLIMITED = 1 << 40
 
 
@@ -54,7 +56,7 @@ def validate(recipe) -> ValidateReport:
             errors.append(LineError("template", r["source"], f"chat template cannot render this conversation: {exc}"))
     train = [r for r in train if r["source"] in counted]
     stats = _stats([counted[r["source"]] for r in train], d.max_length)
-    if preference.is_pairs(train):
+    if preference.is_preference(train):
         stats["pairs"] = preference.part_stats([counted[r["source"]] for r in train], _spread)
     try:
         preference.check_data(recipe.training.objective, train, evals, d.files()[0].path)
@@ -107,13 +109,13 @@ def _tokenizer(recipe, records: list[dict], source: str | None = None):
         source or models.resolve(recipe.model.base),
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
-        require_template=any("messages" in r or "chosen" in r for r in records),
+        require_template=any("messages" in r or "prompt" in r for r in records),
     )
 
 
 def _count(tokenizer, record: dict, max_length: int, train_on: str, system_prompt: str | None = None) -> dict:
     """Tokens and learned tokens of one example before truncation, and the learned tokens truncation loses."""
-    if "chosen" in record:
+    if "chosen" in record or "label" in record:
         return preference.count(tokenizer, record, max_length, system_prompt)
     if "text" in record:
         chunks = tokenize_text(tokenizer, record["text"], max_length)
@@ -159,7 +161,7 @@ def _warnings(records: list[dict]) -> list[str]:
         out.append("no conversation has a system message; data.system_prompt can add one to each")
     firsts: dict[str, str] = {}
     for r in records:
-        content = r.get("messages", r.get("text")) if "chosen" not in r else [r[k] for k in ("prompt", *FIELDS)]
+        content = r.get("messages", r.get("text")) if "prompt" not in r else [r.get(k) for k in PREFERENCE_KEYS]
         text = json.dumps(content, sort_keys=True)
         if text in firsts and firsts[text] != r["source"]:
             out.append(f"{r['source']}: duplicate of {firsts[text]}")
@@ -227,7 +229,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     tokenizer = _tokenizer(recipe, records)
     out = []
     for r in records[index : index + count]:
-        if "chosen" in r:
+        if "chosen" in r or "label" in r:
             out += _preview_pair(tokenizer, r, d.max_length, d.system_prompt)
             continue
         if "text" in r:  # training cuts long texts into max_length chunks, losing nothing: show the first
@@ -256,10 +258,17 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
 def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str | None) -> list[dict]:
     """A preference pair as two previews, chosen then rejected: the shared prompt (not scored) and each reply's
     scored tokens, after truncation to max_length."""
-    ex, truncated = preference.tokenize_pair(tokenizer, preference.with_system(record, system_prompt), max_length)
-    ex = ex or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    record = preference.with_system(record, system_prompt)
+    if "label" in record:  # a KTO line: its one reply, desirable or not
+        ex, truncated = preference.tokenize_reply(tokenizer, record["prompt"], record["completion"], max_length)
+        ex = {"prompt_ids": [], "completion_ids": []} if ex is None else ex
+        keys = ["completion"]
+    else:
+        ex, truncated = preference.tokenize_pair(tokenizer, record, max_length)
+        ex = ex or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        keys = list(FIELDS)
     out = []
-    for key in FIELDS:
+    for key in keys:
         ids = [(t, False) for t in ex["prompt_ids"]] + [(t, True) for t in ex[f"{key}_ids"]]
         tokens = [
             {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": scored}
@@ -267,7 +276,7 @@ def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str |
         ]
         out.append(
             {
-                "source": f"{record['source']} ({key})",
+                "source": f"{record['source']} ({key if key in FIELDS else _desirable(record)})",
                 "tokens": tokens,
                 "count": len(tokens),
                 "learned": len(ex[f"{key}_ids"]),
@@ -276,3 +285,7 @@ def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str |
             }
         )
     return out
+
+
+def _desirable(record: dict) -> str:
+    return "desirable" if record["label"] else "undesirable"

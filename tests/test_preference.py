@@ -262,3 +262,29 @@ def test_orpo_run_completes_and_saves_an_adapter_peft_loads(tmp_path, tiny_model
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/margins" in rows[1] and math.isfinite(rows[1]["loss"])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+
+
+def test_kto_run_on_labelled_replies_and_pairs_saves_an_adapter_peft_loads(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_cli.data import jsonl
+
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, steps=2)
+    lines = [{"prompt": f"What is {i} plus 1?", "completion": f"It is {i + 1}.", "label": i % 3 > 0} for i in range(8)]
+    bad = [{"prompt": "Hi", "completion": "Hello.", "label": "yes"}, {"prompt": "", "completion": "a", "label": True}]
+    records, errors, fmt = jsonl.parse(write_jsonl(tmp_path / "kto.jsonl", lines + bad))
+    assert fmt == "unpaired_preference" and len(records) == 8
+    assert [(e.kind, e.where.rsplit(":", 1)[1]) for e in errors] == [("wrong type", "9"), ("no prompt", "10")]
+    write_jsonl(tmp_path / "kto.jsonl", lines)
+    sets = ["training.objective=kto", "training.loss_type=", "training.save_steps=", "data.train=kto.jsonl"]
+    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", *[f"--set={s}" for s in sets]])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert info["objective"] == "kto" and info["steps"] == 2 and info["eval_after"]["pairs"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] == pytest.approx(0.5, abs=1e-5)  # policy = reference: KTO's loss is 1 - sigmoid(0)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    result = runner.invoke(app, ["train", str(recipe), "--set=data.train=kto.jsonl", f"--set=output.dir={tmp_path}/x"])
+    assert result.exit_code == 2 and "which trains on preference pairs" in result.output  # dpo needs pairs

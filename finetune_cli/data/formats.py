@@ -8,6 +8,7 @@
 | `alpaca`            | {"instruction": "...", "input": "...", "output": "...", "system": "..."}      |
 | `text`              | {"text": "..."} (continued pre-training: every token is learned)              |
 | `preference`        | {"prompt": "...", "chosen": "...", "rejected": "..."} (DPO; see preference.py) |
+| `unpaired_preference` | {"prompt": "...", "completion": "...", "label": true} (KTO)                 |
 
 A message may say `"train": false` (or OpenAI's `"weight": 0`) to keep that assistant turn out of the loss.
 """
@@ -39,6 +40,7 @@ FIELDS = (
     "system",
     "chosen",
     "rejected",
+    "label",
 )
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
@@ -63,6 +65,8 @@ def detect(record) -> str | None:
         return "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    if "completion" in record and isinstance(record.get("label"), bool):
+        return "unpaired_preference"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -89,12 +93,13 @@ def convert(record, fmt: str, where: str) -> dict:
     if not isinstance(record, dict):
         raise LineError("missing field", where, f"expected a JSON object ({fmt} format), got {type(record).__name__}")
     found = detect(record)
-    if found is not None and found != fmt:
+    kto = fmt == "unpaired_preference" and found == "prompt_completion"  # a label that is not true/false: say so
+    if found is not None and found != fmt and not kto:
         raise LineError("other format", where, f"this line is in {found} format but the file is {fmt}")
-    if fmt == "preference":
+    if fmt in ("preference", "unpaired_preference"):
         from finetune_cli import preference
 
-        return preference.convert(record, where)
+        return (preference.convert if fmt == "preference" else preference.convert_unpaired)(record, where)
     if fmt == "text":
         text = _field(record, "text", where)
         if not text.strip():

@@ -1,7 +1,7 @@
 """Make the DPO example's preference pairs (deterministic, seed 0): short questions, each with a direct answer
-(chosen) and an evasive or rambling one (rejected).
+(chosen) and a short evasive one (rejected).
 
-The base model often hedges; after a few minutes of DPO with LoRA it prefers the direct answers on held-out
+The base model often finds the evasive reply more likely; after a few minutes of DPO with LoRA it prefers the direct answers on held-out
 questions, so the eval margin (chosen minus rejected log-probability) rises.
 Run: python recipes/data/make_preference.py   (writes preference/train.jsonl and preference/eval.jsonl)
 """
@@ -39,12 +39,7 @@ COLOURS = {
     "coal": "black",
     "a ripe banana": "yellow",
 }
-EVASIVE = [
-    "As an AI language model, I cannot be completely certain about that, and it may depend on many factors.",
-    "I'm sorry, but I can't help with that question.",
-    "That is a very interesting question! There are many ways to think about it, and people often disagree.",
-    "I would recommend consulting a reliable source, as I may not have accurate information on this topic.",
-]
+EVASIVE = ["I'm not sure.", "I can't answer that.", "Sorry, I don't know.", "Hard to say."]
 
 
 def questions() -> list[tuple[str, str]]:
