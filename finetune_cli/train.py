@@ -56,6 +56,11 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
     preference.check_data(t.objective, plan.train, plan.eval, recipe.data.files()[0].path)
+    if rundir.is_run(Path(m.base).expanduser()):  # the SFT -> DPO pipeline, until a run can be named directly
+        raise FtuneError(
+            f"model.base: {m.base} is an ftune run; starting from a run directory is not supported yet: merge it "
+            f"first (ftune merge-adapter {m.base} --output DIR) and set model.base to DIR"
+        )
     plan.source = models.resolve(m.base)
     models.check_config(plan.source, m.trust_remote_code)
     chat = any("messages" in r or "prompt" in r for r in plan.train + plan.eval)

@@ -181,6 +181,12 @@ def test_objective_and_data_must_match(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "training.loss_type" in result.output
 
 
+def test_a_run_directory_as_model_base_says_merge_it_first(dpo_run, tmp_path):
+    recipe, run = dpo_run
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={run}", f"--set=output.dir={tmp_path}/x"])
+    assert result.exit_code == 2 and "ftune merge-adapter" in result.output
+
+
 def test_validate_reports_pairs_by_kind_with_token_counts_and_preview_shows_both(tmp_path, tiny_model_dir, tokenizer):
     recipe = dpo_recipe(tmp_path, tiny_model_dir)
     result = runner.invoke(app, ["preview", str(recipe), "--index", "1", "--json"])
