@@ -216,7 +216,7 @@ def test_fuzz_preference_lines(tmp_path, tiny_model_dir):
     rng = random.Random(7)
     values = [None, "", " ", 3, [], {}, [1], "ok", [{"role": "user", "content": "hi"}], [{"role": "bot"}], {"a": 1}]
     trained = 0
-    for case in range(8):
+    for case in range(6):
         folder = tmp_path / f"case{case}"
         folder.mkdir()
         lines = [pair(i, rng.choice(["strings", "messages", "implicit"])) for i in range(4)]
@@ -245,7 +245,7 @@ def test_fuzz_preference_lines(tmp_path, tiny_model_dir):
         if check.exit_code == 0:  # a mutation that is still a valid pair (e.g. "ok" as a reply)
             continue
         assert listed == {bad + 1}, (where, report["errors"])
-        if trained == 3:
+        if trained == 2:
             continue
         trained += 1
         result = runner.invoke(app, ["train", str(folder / "recipe.yaml"), "--samples", "0"])
