@@ -41,6 +41,8 @@ def run(
     pairs = preference.is_pairs(records)
     if any("messages" in r or "chosen" in r for r in records) and not tokenizer.chat_template:
         raise FtuneError(f"{target}: the model has no chat template, so chat data cannot be scored")
+    if any("label" in r for r in records):
+        raise FtuneError(f"{', '.join(names)}: labelled replies (KTO) have no pair metrics; score preference pairs")
     if pairs and not all("chosen" in r for r in records):
         raise FtuneError(f"{', '.join(names)}: preference pairs and other data cannot be scored together")
     stride = None if pairs else stride or default_stride(context)

@@ -325,6 +325,10 @@ def save_artifact(trainer, recipe, out: Path) -> Path:
     return final
 
 
+# what TRL's preference trainers log besides the loss (DPO, ORPO, KTO), kept in metrics.jsonl
+PREFERENCE_LOGS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds")
+
+
 class MetricsLog(TrainerCallback):
     """One JSON line per log in `metrics_file`; token-exact eval loss and perplexity before training (`before`),
     every `eval_steps` and at the end; a loss that is not finite stops the run."""
@@ -373,7 +377,7 @@ class MetricsLog(TrainerCallback):
                 grad_norm=logs.get("grad_norm"),
                 tokens_per_s=round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
             )
-            row.update({k: v for k, v in logs.items() if k.startswith(("rewards/", "logps/"))})  # DPO's own
+            row.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_LOGS)})
         elif any(k.startswith("eval_") for k in logs):
             row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
