@@ -1,8 +1,8 @@
 """Make the DPO example's preference pairs (deterministic, seed 0): short questions, each with a direct answer
 (chosen) and a short evasive one (rejected).
 
-The base model often finds the evasive reply more likely; after a few minutes of DPO with LoRA it prefers the direct answers on held-out
-questions, so the eval margin (chosen minus rejected log-probability) rises.
+The instruct model already ranks these pairs right, by a small margin; a few minutes of DPO with LoRA widens
+the margin (chosen minus rejected log-probability) on the held-out questions several times over.
 Run: python recipes/data/make_preference.py   (writes preference/train.jsonl and preference/eval.jsonl)
 """
 
