@@ -294,3 +294,20 @@ def test_kto_run_on_labelled_replies_and_pairs_saves_an_adapter_peft_loads(tmp_p
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
     result = runner.invoke(app, ["train", str(recipe), "--set=data.train=kto.jsonl", f"--set=output.dir={tmp_path}/x"])
     assert result.exit_code == 2 and "which trains on preference pairs" in result.output  # dpo needs pairs
+
+
+def test_a_run_from_before_training_objective_resumes_without_a_recipe_change(tmp_path):
+    import yaml
+
+    from finetune_cli import recipe as recipes
+    from finetune_cli import rundir
+
+    (tmp_path / "r.yaml").write_text("data:\n  train: train.jsonl\n")
+    now = recipes.load(tmp_path / "r.yaml")
+    old = now.model_dump(mode="json")
+    for key in ("objective", "beta", "loss_type", "desirable_weight", "undesirable_weight"):
+        del old["training"][key]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
+    assert rundir.recipe_changes(tmp_path, now.model_dump(mode="json")) == []
+    changed = now.model_copy(update={"training": now.training.model_copy(update={"objective": "dpo"})})
+    assert rundir.recipe_changes(tmp_path, changed.model_dump(mode="json")) == ["training.objective"]
