@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import models, rundir
+from finetune_cli import models, preference, rundir
 from finetune_cli.data import jsonl
 from finetune_cli.errors import FtuneError
 from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
-from finetune_cli.results import Change, EvalResult, GenerateEval
+from finetune_cli.results import Change, EvalResult, GenerateEval, PairChange
 
 
 def run(
@@ -38,18 +38,29 @@ def run(
     )
     context = max_length or (recipe.data.max_length if recipe else 2048)
     train_on = recipe.data.train_on if recipe else "assistant"
-    if any("messages" in r for r in records) and not tokenizer.chat_template:
+    pairs = preference.is_pairs(records)
+    if any("messages" in r or "chosen" in r for r in records) and not tokenizer.chat_template:
         raise FtuneError(f"{target}: the model has no chat template, so chat data cannot be scored")
-    stride = stride or default_stride(context)
-    if not 0 < stride <= context:
+    if any("label" in r for r in records):
+        raise FtuneError(f"{', '.join(names)}: labelled replies (KTO) have no pair metrics; score preference pairs")
+    if pairs and not all("chosen" in r for r in records):
+        raise FtuneError(f"{', '.join(names)}: preference pairs and other data cannot be scored together")
+    stride = None if pairs else stride or default_stride(context)
+    if stride is not None and not 0 < stride <= context:
         raise FtuneError(f"--stride must be between 1 and the context length ({context})")
-    examples = build_examples(tokenizer, records, context, train_on, stride, recipe.data.cache if recipe else True)[0]
+    if pairs:  # the pair metrics (accuracy, margin) on the tokens DPO scores
+        system = recipe.data.system_prompt if recipe else None
+        examples = preference.tokenize_all(tokenizer, records, context, system)[0]
+    else:
+        use_cache = recipe.data.cache if recipe else True
+        examples = build_examples(tokenizer, records, context, train_on, stride, use_cache)[0]
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    measure = preference.pair_metrics if pairs else corpus_nll
 
     def score(model) -> dict:
-        return corpus_nll(model, examples, batch_size, pad, progress(len(examples)))
+        return measure(model, examples, batch_size, pad, progress(len(examples)))
 
     def load(weights: str):
         return models.load_model(weights, found.dtype, found.trust_remote_code)
@@ -80,7 +91,10 @@ def run(
         stride=stride,
         results=results,
     )
-    if "base" in results and "tuned" in results:
+    if "base" in results and "tuned" in results and pairs:
+        b, t = results["base"], results["tuned"]
+        out.change = PairChange(accuracy=t["accuracy"] - b["accuracy"], margin=t["margin"] - b["margin"])
+    elif "base" in results and "tuned" in results:
         b, t = results["base"]["perplexity"], results["tuned"]["perplexity"]
         out.change = Change(perplexity=t - b, relative=(t - b) / b)
     if found.run_dir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import copy
 import difflib
 import os
 import re
@@ -45,7 +46,9 @@ MAX_WEIGHT = 1000  # a file repeated more often than this is a typo, and 1e300 c
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 NEWLINE = "\n"
 
-Format = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+Format = Literal[
+    "auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "unpaired_preference"
+]
 Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
 
@@ -117,7 +120,36 @@ METHODS = {"lora": LoraMethod, "qlora": QloraMethod, "prompt_tuning": PromptTuni
 Method = Annotated[Union[LoraMethod, QloraMethod, PromptTuningMethod, FullMethod], Field(discriminator="name")]
 
 
+DpoLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+# each preference objective's settings, under TRL's names, with TRL's defaults (filled in when the objective is set)
+OBJECTIVE_SETTINGS = {
+    "dpo": {"beta": 0.1, "loss_type": ["sigmoid"]},
+    "orpo": {"beta": 0.1},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+}
+
+
 class TrainingSection(_Section):
+    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    beta: float | None = Field(default=None, gt=0)
+    loss_type: list[DpoLoss] | None = Field(default=None, min_length=1)
+    desirable_weight: float | None = Field(default=None, gt=0)
+    undesirable_weight: float | None = Field(default=None, gt=0)
     epochs: float = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -146,6 +178,19 @@ class TrainingSection(_Section):
     save_steps: int | None = Field(default=100, gt=0)
     save_total_limit: int = Field(default=2, gt=0)
     save_every_epoch: bool = False
+
+    @model_validator(mode="after")
+    def _objective_settings(self):
+        settings = OBJECTIVE_SETTINGS.get(self.objective, {})
+        for key in ("beta", "loss_type", "desirable_weight", "undesirable_weight"):
+            if key not in settings and getattr(self, key) is not None:
+                owners = " / ".join(o for o, s in OBJECTIVE_SETTINGS.items() if key in s)
+                raise ValueError(
+                    f"training.{key} applies to training.objective {owners}, not {self.objective}; remove it"
+                )
+            if key in settings and getattr(self, key) is None:
+                setattr(self, key, copy.deepcopy(settings[key]))
+        return self
 
 
 class DistributedSection(_Section):

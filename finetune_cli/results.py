@@ -27,9 +27,24 @@ class Score(_Result):
     perplexity: float
 
 
+class PairScore(_Result):
+    """Pair metrics on preference data: the chosen reply's summed log-probability minus the rejected one's."""
+
+    pairs: int
+    accuracy: float  # fraction of pairs where chosen is more likely
+    margin: float  # mean difference
+    chosen_logps: float
+    rejected_logps: float
+
+
 class Change(_Result):
     perplexity: float
     relative: float
+
+
+class PairChange(_Result):
+    accuracy: float
+    margin: float
 
 
 class EvalResult(_Result):
@@ -38,9 +53,9 @@ class EvalResult(_Result):
     data: list[str]
     data_sha256: list[str] | None = None
     context: int
-    stride: int
-    results: dict[str, Score]  # "model", or "base" and/or "tuned"
-    change: Change | None = None
+    stride: int | None  # None for preference pairs (scored whole, never in windows)
+    results: dict[str, Score | PairScore]  # "model", or "base" and/or "tuned"
+    change: Change | PairChange | None = None
 
 
 class GenerateEval(_Result):
@@ -86,6 +101,7 @@ class RunInfo(_Result):
     data: dict[str, Any] = {}  # train: files (path, format, weight, sha256...) and token counts; eval: path or split
     seconds: float | None = None
     method: str | None = None
+    objective: str | None = None
     steps: int | None = None
     train_seconds: float | None = None
     train_loss: float | None = None
@@ -95,8 +111,8 @@ class RunInfo(_Result):
     peak_gpu_memory_mib: int | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None
-    eval_before: Score | None = None
-    eval_after: Score | None = None
+    eval_before: Score | PairScore | None = None
+    eval_after: Score | PairScore | None = None
     samples: list[Sample] = []
     artifact: str | None = None
 

@@ -328,7 +328,17 @@ def recipe_changes(folder: Path, recipe: dict) -> list[str] | None:
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
         return None
     now = _flatten(recipe)
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE)
+    added = _added_defaults(saved, now)
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE | added)
+
+
+def _added_defaults(saved: dict, now: dict) -> set[str]:
+    """Keys a newer ftune added (absent from the run's recipe.yaml) that still hold their default: not changes,
+    so a run started before `training.objective` existed resumes as it did."""
+    from finetune_cli import recipe as recipes
+
+    defaults = _flatten(recipes.Recipe.model_validate({"data": {"train": "x"}}).model_dump(mode="json"))
+    return {k for k in now.keys() - saved.keys() if k in defaults and now[k] == defaults[k]}
 
 
 # keys that may differ between the run's recipe and a resume of it (each machine of a multi-node run has its own)

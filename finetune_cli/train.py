@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, files, launch, methods, models, rundir, trainer
+from finetune_cli import __version__, files, launch, methods, models, preference, rundir, trainer
 from finetune_cli import recipe as recipes
 from finetune_cli.data import cache, jsonl
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
@@ -55,9 +55,15 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
     t, m = recipe.training, recipe.model
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
+    preference.check_data(t.objective, plan.train, plan.eval, recipe.data.files()[0].path)
+    if rundir.is_run(Path(m.base).expanduser()):  # the SFT -> DPO pipeline, until a run can be named directly
+        raise FtuneError(
+            f"model.base: {m.base} is an ftune run; starting from a run directory is not supported yet: merge it "
+            f"first (ftune merge-adapter {m.base} --output DIR) and set model.base to DIR"
+        )
     plan.source = models.resolve(m.base)
     models.check_config(plan.source, m.trust_remote_code)
-    chat = any("messages" in r for r in plan.train + plan.eval)
+    chat = any("messages" in r or "prompt" in r for r in plan.train + plan.eval)
     plan.tokenizer = models.load_tokenizer(plan.source, m.chat_template, m.trust_remote_code, require_template=chat)
     return plan
 
@@ -101,6 +107,22 @@ def _tokenize(recipe, plan: Plan) -> None:
     d = recipe.data
     launch.init(trainer.cuda())
     shared = d.cache or launch.world_size() > 1  # the other ranks read what the first one tokenized
+    if recipe.training.objective in preference.OBJECTIVES:  # pairs: quick to tokenize, not cached
+        plan.train_examples, plan.stats["train"] = preference.tokenize_all(
+            plan.tokenizer, plan.train, d.max_length, d.system_prompt, unpaired=recipe.training.objective == "kto"
+        )
+        if plan.eval:
+            plan.eval_examples, plan.stats["eval"] = preference.tokenize_all(
+                plan.tokenizer, plan.eval, d.max_length, d.system_prompt
+            )
+    else:
+        _tokenize_sft(recipe, plan, shared)
+    if not plan.train_examples:
+        raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
+
+
+def _tokenize_sft(recipe, plan: Plan, shared: bool) -> None:
+    d = recipe.data
     with launch.local_main_first():
         plan.train_examples, plan.stats["train"] = cache.tokenize(
             plan.tokenizer, plan.train, d.max_length, d.train_on, shared
@@ -110,8 +132,6 @@ def _tokenize(recipe, plan: Plan) -> None:
             plan.eval_examples, plan.stats["eval"] = build_examples(
                 plan.tokenizer, plan.eval, d.max_length, d.train_on, stride, shared
             )
-    if not plan.train_examples:
-        raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
 
 
 def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
@@ -133,7 +153,9 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
     effective = t.batch_size * t.gradient_accumulation * processes
     log(
         f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
-        f"process{'es' if processes > 1 else ''} = {effective} sequences per step"
+        f"process{'es' if processes > 1 else ''} = {effective} "
+        + ("pairs" if t.objective in ("dpo", "orpo") else "sequences" if t.objective == "sft" else "replies")
+        + " per step"
         + (f" ({strategy})" if processes > 1 else "")
         + (f"; packed micro-batches run in passes of at most {budget} tokens" if budget else "")
     )
@@ -243,15 +265,17 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     # The base model's own answers and eval loss, before any adapter or update touches it.
     prompts = [c["messages"][: _last_assistant(c["messages"])] for c in plan.eval if "messages" in c][:samples]
     base_replies = [reply(model, tokenizer, p) for p in prompts]
-    pad = tokenizer.pad_token_id
-    before = corpus_nll(model, plan.eval_examples, t.batch_size, pad) if plan.eval_examples else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if t.objective in preference.OBJECTIVES:
+        measure, log_class = preference.pair_metrics, trainer.PairMetricsLog
+    else:
+        measure, log_class = corpus_nll, trainer.MetricsLog
+    before = measure(model, plan.eval_examples, t.batch_size, pad) if plan.eval_examples else None
 
     stopper = stop.callback()
     fit = trainer.build(recipe, plan.source, model, tokenizer, plan.train_examples, out, [*callbacks, stopper])
     metrics_file = (out / rundir.METRICS).open("a", encoding="utf-8") if launch.is_main() else None
-    metrics = trainer.MetricsLog(
-        fit, metrics_file, plan.eval_examples, t.batch_size, t.eval_steps, pad, before, stopper
-    )
+    metrics = log_class(fit, metrics_file, plan.eval_examples, t.batch_size, t.eval_steps, pad, before, stopper)
     fit.add_callback(metrics)
     fit.add_callback(trainer.Checkpoints(out, t.save_total_limit, t.save_every_epoch))
     fit.add_callback(trainer.RecipeOnResume())
@@ -268,6 +292,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     losses = [h["loss"] for h in fit.state.log_history if "loss" in h]
     return {
         "method": recipe.method.name,
+        "objective": t.objective,
         "steps": fit.state.global_step,
         "train_seconds": round(time.perf_counter() - started, 2),
         "train_loss": train_output.training_loss,

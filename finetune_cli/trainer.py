@@ -14,6 +14,11 @@ listed here, with why, and the test that fails if an upgrade breaks it:
   whole state dict before saving. tests/test_distributed.py (test_fsdp_writes_the_whole_adapter).
 - `SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, padding_free=...)`: TRL takes our tokenized
   `input_ids`/`labels` as they are. tests/test_masking.py, tests/test_speed.py (packed losses).
+- `DPOTrainer._prepare_dataset(dataset, processing_class, args, name)` returned as is (FtuneDPOTrainer): TRL takes
+  our tokenized `prompt_ids`/`chosen_ids`/`rejected_ids`. tests/test_preference.py (the first DPO loss is ln 2;
+  scored tokens equal the pair metrics' own). The same for `KTOTrainer._prepare_dataset` (FtuneKTOTrainer, which
+  adds only TRL's rotated `KL_completion_ids`) and the experimental `ORPOTrainer.tokenize_row` (build_orpo).
+  tests/test_preference.py (KTO and ORPO runs).
 - accelerate's `model._original_forward` (perplexity._without_autocast): eval during bf16/fp16 training runs
   without the autocast wrapper. tests/test_rundir.py (test_eval_before_after_and_ftune_eval_agree_under_bf16).
 - transformers' `AttentionInterface`/`AttentionMaskInterface.register`, `set_attn_implementation`,
@@ -44,9 +49,9 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 from transformers import PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-from finetune_cli import attention, files, launch, methods, microbatch, rundir
+from finetune_cli import attention, files, launch, methods, microbatch, preference, rundir
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.perplexity import corpus_nll
 
@@ -72,18 +77,22 @@ class FtuneTrainer(SFTTrainer):
         return total
 
 
-def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
-    """The trainer for the recipe: our tokenized examples, TRL's collator (padded, or padding-free when
-    `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
-    import datasets
+def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The trainer for the recipe's objective: SFT (FtuneTrainer) or a preference objective (FtuneDPOTrainer)."""
+    if recipe.training.objective == "dpo":
+        return build_dpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    if recipe.training.objective == "orpo":
+        return build_orpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    if recipe.training.objective == "kto":
+        return build_kto(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    return build_sft(recipe, source, model, tokenizer, train_examples, out, callbacks)
 
-    t, method = recipe.training, recipe.method
+
+def _arguments(recipe, out: Path) -> dict:
+    """The TrainingArguments every objective shares, from the recipe's training section."""
+    t = recipe.training
     precision = methods.precision(t.precision)
-    packing = packing_applies(recipe)
-    model = methods.prepare(model, method, t.gradient_checkpointing)
-    if packing:
-        attention.use_for_packing(model)
-    args = SFTConfig(
+    return dict(
         output_dir=str(out / rundir.STAGING),  # checkpoints are written here, then renamed into checkpoints/
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -109,15 +118,30 @@ def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out
         eval_strategy="no",
         report_to=t.report_to,
         disable_tqdm=True,
+        torch_compile=t.compile,
+        use_liger_kernel=t.liger,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
+    )
+
+
+def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
+    """The SFT trainer: our tokenized examples, TRL's collator (padded, or padding-free when
+    `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
+    import datasets
+
+    t, method = recipe.training, recipe.method
+    packing = packing_applies(recipe)
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    if packing:
+        attention.use_for_packing(model)
+    args = SFTConfig(
+        **_arguments(recipe, out),
         max_length=None,  # examples are truncated by us, with counts reported
         dataset_kwargs={"skip_prepare_dataset": True},
         padding_free=packing,  # one row per micro-batch, positions restart per example: no padding computed
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        torch_compile=t.compile,
-        use_liger_kernel=t.liger,
         # packed rows hold no padding; padded batches count their attention mask (pad may equal EOS)
         include_num_input_tokens_seen="all" if packing else "non_padding",
-        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
     )
     columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
     trainer = FtuneTrainer(
@@ -133,9 +157,131 @@ def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out
     return trainer
 
 
+class FtuneDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer on pairs ftune tokenized (preference.tokenize_pair): TRL's own tokenization would score the
+    template's newline after the end-of-turn token, and add an EOS to string pairs that the template already ends."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+def build_dpo(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The DPO trainer. With an adapter the reference is the base model with the adapter switched off (no second
+    copy in memory); with full fine-tuning TRL loads a frozen copy of the base."""
+    import datasets
+
+    t, method = recipe.training, recipe.method
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    args = DPOConfig(
+        **_arguments(recipe, out),
+        beta=t.beta,
+        loss_type=list(t.loss_type),
+        max_length=None,  # pairs are truncated by us, with counts reported
+        include_num_input_tokens_seen="non_padding",
+    )
+    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    trainer = FtuneDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def build_orpo(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The ORPO trainer (TRL's experimental ORPOTrainer): the chosen reply's NLL plus `beta` times the odds-ratio
+    loss; no reference model."""
+    import datasets
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    class FtuneORPOTrainer(ORPOTrainer):
+        """ORPOTrainer on ftune's tokenized pairs: TRL's tokenize_row would add BOS and EOS tokens of its own."""
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for key in preference.FIELDS:
+                reply = feature[f"{key}_ids"]
+                row[f"{key}_input_ids"] = prompt + reply
+                row[f"{key}_attention_mask"] = [1] * (len(prompt) + len(reply))
+                row[f"{key}_labels"] = [-100] * len(prompt) + reply
+            return row
+
+    t, method = recipe.training, recipe.method
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_examples)
+    args = ORPOConfig(
+        **_arguments(recipe, out),
+        beta=t.beta,
+        max_length=longest,  # pairs are truncated by us: TRL's own truncation never applies
+        include_num_input_tokens_seen="no",
+    )
+    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    trainer = FtuneORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class FtuneKTOTrainer(KTOTrainer):
+    """TRL's KTOTrainer on labelled replies ftune tokenized (preference.tokenize_reply); only the KL completions
+    (each batch's replies rotated by one, as TRL does) are added here."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+
+        def rotate(batch):
+            return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
+
+        return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+def build_kto(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
+    """The KTO trainer: desirable and undesirable replies (pairs count as one of each); with an adapter the
+    reference is the base with the adapter switched off, as for DPO."""
+    import datasets
+
+    t, method = recipe.training, recipe.method
+    if t.batch_size < 2:
+        raise FtuneError("training.batch_size: KTO estimates its KL term from a batch's other replies; use 2 or more")
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    args = KTOConfig(
+        **_arguments(recipe, out),
+        beta=t.beta,
+        desirable_weight=t.desirable_weight,
+        undesirable_weight=t.undesirable_weight,
+        max_length=None,  # replies are truncated by us, with counts reported
+        include_num_input_tokens_seen="non_padding",
+    )
+    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "completion_ids", "label")}
+    trainer = FtuneKTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(columns),
+        processing_class=tokenizer,
+        peft_config=methods.peft_config(method, source),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def packing_applies(recipe) -> bool:
-    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example)."""
-    return recipe.training.packing and recipe.method.name != "prompt_tuning"
+    """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example) and
+    preference objectives (TRL pads their pairs)."""
+    t = recipe.training
+    return t.packing and recipe.method.name != "prompt_tuning" and t.objective == "sft"
 
 
 def micro_batch_tokens(recipe) -> int | None:
@@ -179,6 +325,10 @@ def save_artifact(trainer, recipe, out: Path) -> Path:
     return final
 
 
+# what TRL's preference trainers log besides the loss (DPO, ORPO, KTO), kept in metrics.jsonl
+PREFERENCE_LOGS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds")
+
+
 class MetricsLog(TrainerCallback):
     """One JSON line per log in `metrics_file`; token-exact eval loss and perplexity before training (`before`),
     every `eval_steps` and at the end; a loss that is not finite stops the run."""
@@ -195,12 +345,20 @@ class MetricsLog(TrainerCallback):
         if not self.examples:
             return None
         trainer = self.trainer
-        self.last_eval = corpus_nll(trainer.model, self.examples, self.batch_size, self.pad_token_id)
+        self.last_eval = self.measure(trainer.model)
         methods.restore_training_layout(trainer.model)
         self.last_eval_step = step
-        logs = {"eval_loss": self.last_eval["loss"], "eval_perplexity": self.last_eval["perplexity"]}
+        logs = self.eval_logs(self.last_eval)
         trainer.callback_handler.on_log(trainer.args, trainer.state, copy.copy(trainer.control), logs)
         return self.last_eval
+
+    def measure(self, model) -> dict:
+        """The eval result (perplexity here; pair metrics for preference objectives: preference.PairMetricsLog)."""
+        return corpus_nll(model, self.examples, self.batch_size, self.pad_token_id)
+
+    @staticmethod
+    def eval_logs(result: dict) -> dict:
+        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 
     def on_log(self, args, state, control, logs=None, **kw):
         row = {"step": state.global_step}
@@ -219,8 +377,9 @@ class MetricsLog(TrainerCallback):
                 grad_norm=logs.get("grad_norm"),
                 tokens_per_s=round(state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
             )
-        elif "eval_loss" in logs:
-            row.update(eval_loss=logs["eval_loss"], eval_perplexity=logs["eval_perplexity"])
+            row.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_LOGS)})
+        elif any(k.startswith("eval_") for k in logs):
+            row.update({k: v for k, v in logs.items() if k.startswith("eval_")})
         else:
             return
         if self.file:
@@ -231,7 +390,7 @@ class MetricsLog(TrainerCallback):
         self.start = time.time()
         if self.before and state.global_step == 0:
             self.last_eval, self.last_eval_step = self.before, 0
-            logs = {"eval_loss": self.before["loss"], "eval_perplexity": self.before["perplexity"]}
+            logs = self.eval_logs(self.before)
             self.trainer.callback_handler.on_log(args, state, copy.copy(control), logs)
 
     def on_step_end(self, args, state, control, **kw):
@@ -241,6 +400,17 @@ class MetricsLog(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.last_eval_step != state.global_step and not self.stop.stopped:
             self.evaluate(state.global_step)
+
+
+class PairMetricsLog(MetricsLog):
+    """MetricsLog for preference objectives: eval rows hold the pair metrics (eval_accuracy, eval_margin)."""
+
+    def measure(self, model) -> dict:
+        return preference.pair_metrics(model, self.examples, self.batch_size, self.pad_token_id)
+
+    @staticmethod
+    def eval_logs(result: dict) -> dict:
+        return {"eval_accuracy": result["accuracy"], "eval_margin": result["margin"]}
 
 
 class Checkpoints(TrainerCallback):

@@ -46,6 +46,8 @@ def progress_callback():
         def on_log(self, args, state, control, logs=None, **kw):
             if "eval_perplexity" in logs and state.global_step > 0:
                 self.eval = f"  eval ppl {logs['eval_perplexity']:.3f}"
+            elif "eval_margin" in logs and state.global_step > 0:
+                self.eval = f"  eval margin {logs['eval_margin']:.3f} acc {logs['eval_accuracy']:.2f}"
             elif "loss" in logs:
                 elapsed = max(time.time() - self.start, 1e-9)
                 self.train = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
@@ -73,7 +75,13 @@ def train_summary(result: dict) -> None:
     if result.get("first_loss") is not None:
         table.add_row("train loss", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} (first -> last step)")
     before, after = result.get("eval_before"), result.get("eval_after")
-    if before and after:
+    if before and after and "margin" in after:
+        table.add_row(
+            "eval pairs",
+            f"margin {before['margin']:.3f} -> {after['margin']:.3f}   accuracy {before['accuracy']:.2f} -> "
+            f"{after['accuracy']:.2f}   ({after['pairs']:,} pairs)",
+        )
+    elif before and after:
         table.add_row(
             "eval loss",
             f"{before['loss']:.4f} -> {after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "
@@ -116,6 +124,8 @@ def eval_progress():
 
 
 def eval_summary(result: dict) -> None:
+    if any("margin" in r for r in result["results"].values()):
+        return pair_summary(result)
     table = Table(title=f"ftune eval {result['target']}", title_justify="left")
     for col in ("model", "scored tokens", "NLL", "loss", "perplexity"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -126,6 +136,22 @@ def eval_summary(result: dict) -> None:
     if "change" in result:
         c = result["change"]
         console.print(f"perplexity change: {c['perplexity']:+.4f} ({100 * c['relative']:+.1f}%)")
+    console.print(f"data: {', '.join(result['data'])}")
+
+
+def pair_summary(result: dict) -> None:
+    """Pair metrics per model: accuracy (chosen more likely than rejected) and the mean log-probability margin."""
+    table = Table(title=f"ftune eval {result['target']}", title_justify="left")
+    for col in ("model", "pairs", "accuracy", "margin", "chosen logp", "rejected logp"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in result["results"].items():
+        label = {"base": f"base ({result['base']})", "tuned": "fine-tuned"}.get(name, name)
+        row = [f"{r['accuracy']:.3f}", f"{r['margin']:.3f}", f"{r['chosen_logps']:.2f}", f"{r['rejected_logps']:.2f}"]
+        table.add_row(label, f"{r['pairs']:,}", *row)
+    console.print(table)
+    if "change" in result:
+        c = result["change"]
+        console.print(f"change: accuracy {c['accuracy']:+.3f}, margin {c['margin']:+.3f}")
     console.print(f"data: {', '.join(result['data'])}")
 
 

@@ -12,12 +12,15 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from finetune_cli import methods, models
+from finetune_cli import methods, models, preference
 from finetune_cli.data import jsonl
 from finetune_cli.data.formats import LineError
 from finetune_cli.data.masking import IGNORE, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
+from finetune_cli.preference import FIELDS
 from finetune_cli.results import ValidateReport
+
+PREFERENCE_KEYS = ("prompt", *FIELDS, "completion", "label")
 
 UNLIMITED = 1 << 40
 
@@ -48,11 +51,17 @@ def validate(recipe) -> ValidateReport:
     counted = {}
     for r in lines:
         try:
-            counted[r["source"]] = _count(tokenizer, r, d.max_length, d.train_on)
+            counted[r["source"]] = _count(tokenizer, r, d.max_length, d.train_on, d.system_prompt)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
             errors.append(LineError("template", r["source"], f"chat template cannot render this conversation: {exc}"))
     train = [r for r in train if r["source"] in counted]
     stats = _stats([counted[r["source"]] for r in train], d.max_length)
+    if preference.is_preference(train):
+        stats["pairs"] = preference.part_stats([counted[r["source"]] for r in train], _spread)
+    try:
+        preference.check_data(recipe.training.objective, train, evals, d.files()[0].path)
+    except FtuneError as exc:
+        errors.append(LineError("objective", d.files()[0].path, str(exc).split(": ", 1)[-1]))
     if train and not stats["learned_tokens_per_epoch"]:  # what `ftune train` refuses, with the same words
         errors.append(
             LineError(
@@ -100,12 +109,14 @@ def _tokenizer(recipe, records: list[dict], source: str | None = None):
         source or models.resolve(recipe.model.base),
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
-        require_template=any("messages" in r for r in records),
+        require_template=any("messages" in r or "prompt" in r for r in records),
     )
 
 
-def _count(tokenizer, record: dict, max_length: int, train_on: str) -> dict:
+def _count(tokenizer, record: dict, max_length: int, train_on: str, system_prompt: str | None = None) -> dict:
     """Tokens and learned tokens of one example before truncation, and the learned tokens truncation loses."""
+    if "chosen" in record or "label" in record:
+        return preference.count(tokenizer, record, max_length, system_prompt)
     if "text" in record:
         chunks = tokenize_text(tokenizer, record["text"], max_length)
         tokens = sum(len(c["input_ids"]) for c in chunks)
@@ -117,14 +128,16 @@ def _count(tokenizer, record: dict, max_length: int, train_on: str) -> dict:
     return {"tokens": len(labels), "learned": learned, "lost": learned - kept, "over": len(labels) > max_length}
 
 
-def _stats(counts: list[dict], max_length: int) -> dict:
-    def spread(values: list[int]) -> dict:
-        values = sorted(values)
-        if not values:
-            return {"min": 0, "p50": 0, "p95": 0, "max": 0}
-        rank = lambda q: values[max(0, math.ceil(q * len(values)) - 1)]  # noqa: E731 - nearest-rank percentile
-        return {"min": values[0], "p50": rank(0.5), "p95": rank(0.95), "max": values[-1]}
+def _spread(values: list[int]) -> dict:
+    values = sorted(values)
+    if not values:
+        return {"min": 0, "p50": 0, "p95": 0, "max": 0}
+    rank = lambda q: values[max(0, math.ceil(q * len(values)) - 1)]  # noqa: E731 - nearest-rank percentile
+    return {"min": values[0], "p50": rank(0.5), "p95": rank(0.95), "max": values[-1]}
 
+
+def _stats(counts: list[dict], max_length: int) -> dict:
+    spread = _spread
     return {
         "examples": len(counts),
         "tokens": spread([c["tokens"] for c in counts]),
@@ -148,7 +161,8 @@ def _warnings(records: list[dict]) -> list[str]:
         out.append("no conversation has a system message; data.system_prompt can add one to each")
     firsts: dict[str, str] = {}
     for r in records:
-        text = json.dumps(r.get("messages", r.get("text")), sort_keys=True)
+        content = r.get("messages", r.get("text")) if "prompt" not in r else [r.get(k) for k in PREFERENCE_KEYS]
+        text = json.dumps(content, sort_keys=True)
         if text in firsts and firsts[text] != r["source"]:
             out.append(f"{r['source']}: duplicate of {firsts[text]}")
         firsts.setdefault(text, r["source"])
@@ -215,6 +229,9 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     tokenizer = _tokenizer(recipe, records)
     out = []
     for r in records[index : index + count]:
+        if "chosen" in r or "label" in r:
+            out += _preview_pair(tokenizer, r, d.max_length, d.system_prompt)
+            continue
         if "text" in r:  # training cuts long texts into max_length chunks, losing nothing: show the first
             chunks = tokenize_text(tokenizer, r["text"], d.max_length) or [{"input_ids": [], "labels": []}]
             ids, labels, truncated, parts = chunks[0]["input_ids"], chunks[0]["labels"], False, len(chunks)
@@ -236,3 +253,39 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
             }
         )
     return out
+
+
+def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str | None) -> list[dict]:
+    """A preference pair as two previews, chosen then rejected: the shared prompt (not scored) and each reply's
+    scored tokens, after truncation to max_length."""
+    record = preference.with_system(record, system_prompt)
+    if "label" in record:  # a KTO line: its one reply, desirable or not
+        ex, truncated = preference.tokenize_reply(tokenizer, record["prompt"], record["completion"], max_length)
+        ex = {"prompt_ids": [], "completion_ids": []} if ex is None else ex
+        keys = ["completion"]
+    else:
+        ex, truncated = preference.tokenize_pair(tokenizer, record, max_length)
+        ex = ex or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        keys = list(FIELDS)
+    out = []
+    for key in keys:
+        ids = [(t, False) for t in ex["prompt_ids"]] + [(t, True) for t in ex[f"{key}_ids"]]
+        tokens = [
+            {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": scored}
+            for t, scored in ids
+        ]
+        out.append(
+            {
+                "source": f"{record['source']} ({key if key in FIELDS else _desirable(record)})",
+                "tokens": tokens,
+                "count": len(tokens),
+                "learned": len(ex[f"{key}_ids"]),
+                "truncated": truncated,
+                "chunks": 1,
+            }
+        )
+    return out
+
+
+def _desirable(record: dict) -> str:
+    return "desirable" if record["label"] else "undesirable"

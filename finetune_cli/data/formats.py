@@ -7,6 +7,8 @@
 | `prompt_completion` | {"prompt": "...", "completion": "..."} (strings or message lists, as in TRL)  |
 | `alpaca`            | {"instruction": "...", "input": "...", "output": "...", "system": "..."}      |
 | `text`              | {"text": "..."} (continued pre-training: every token is learned)              |
+| `preference`        | {"prompt": "...", "chosen": "...", "rejected": "..."} (DPO; see preference.py) |
+| `unpaired_preference` | {"prompt": "...", "completion": "...", "label": true} (KTO)                 |
 
 A message may say `"train": false` (or OpenAI's `"weight": 0`) to keep that assistant turn out of the loss.
 """
@@ -26,7 +28,20 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
 }
 # Fields a `columns` mapping may rename: ftune's name -> the name in the user's files.
-FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text", "system")
+FIELDS = (
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "text",
+    "system",
+    "chosen",
+    "rejected",
+    "label",
+)
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
 
@@ -42,12 +57,16 @@ def detect(record) -> str | None:
     """The format a record is in, from its keys; None when it fits none."""
     if not isinstance(record, dict):
         return None
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    if "completion" in record and isinstance(record.get("label"), bool):
+        return "unpaired_preference"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -61,7 +80,7 @@ def rename(record, columns: dict[str, str]):
         return record
     record = {next((k for k, v in columns.items() if v == key and k in FIELDS), key): v for key, v in record.items()}
     inner = {v: k for k, v in columns.items() if k in MESSAGE_FIELDS}
-    for key in ("messages", "conversations", "prompt", "completion"):
+    for key in ("messages", "conversations", "prompt", "completion", "chosen", "rejected"):
         if inner and isinstance(record.get(key), list):
             record[key] = [
                 {inner.get(f, f): x for f, x in m.items()} if isinstance(m, dict) else m for m in record[key]
@@ -74,8 +93,13 @@ def convert(record, fmt: str, where: str) -> dict:
     if not isinstance(record, dict):
         raise LineError("missing field", where, f"expected a JSON object ({fmt} format), got {type(record).__name__}")
     found = detect(record)
-    if found is not None and found != fmt:
+    kto = fmt == "unpaired_preference" and found == "prompt_completion"  # a label that is not true/false: say so
+    if found is not None and found != fmt and not kto:
         raise LineError("other format", where, f"this line is in {found} format but the file is {fmt}")
+    if fmt in ("preference", "unpaired_preference"):
+        from finetune_cli import preference
+
+        return (preference.convert if fmt == "preference" else preference.convert_unpaired)(record, where)
     if fmt == "text":
         text = _field(record, "text", where)
         if not text.strip():
