@@ -20,6 +20,17 @@ def check_sampling(do_sample: bool, temperature: float | None, top_p: float | No
         raise FtuneError(f"--top-p: {top_p} must be in (0, 1]")
 
 
+def sampling_kwargs(do_sample: bool, temperature: float | None, top_p: float | None, seed: int | None) -> dict:
+    """`model.generate` keyword arguments for the sampling flags (seeding torch when sampling with a seed)."""
+    if not do_sample:  # greedy: sampling settings in the model's generation config do not apply
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    return {"do_sample": True, **{k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}}
+
+
 def reply(
     model,
     tokenizer,
@@ -37,13 +48,7 @@ def reply(
 
     prompt = render(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
-    kwargs = {"do_sample": do_sample}
-    if do_sample:
-        kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:  # greedy: sampling settings in the model's generation config do not apply
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = sampling_kwargs(do_sample, temperature, top_p, seed)
     streamer = None
     if on_text is not None:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

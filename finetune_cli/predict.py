@@ -15,6 +15,7 @@ from typing import Callable
 
 from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
+from finetune_cli.generate import sampling_kwargs
 
 METRICS = ("exact_match", "bleu", "chrf", "rouge_l", "json_valid", "json_match")
 _JSON_METRICS = ("json_valid", "json_match")
@@ -117,13 +118,7 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     eot = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
-    kwargs = {"do_sample": do_sample}
-    if do_sample:
-        kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:  # greedy: sampling settings in the model's generation config do not apply
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = sampling_kwargs(do_sample, temperature, top_p, seed)
     device = next(model.parameters()).device
     replies: list[str] = [""] * len(encoded)
     generated = 0

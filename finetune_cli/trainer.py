@@ -168,7 +168,6 @@ class FtuneDPOTrainer(DPOTrainer):
 def build_dpo(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
     """The DPO trainer. With an adapter the reference is the base model with the adapter switched off (no second
     copy in memory); with full fine-tuning TRL loads a frozen copy of the base."""
-    import datasets
 
     t, method = recipe.training, recipe.method
     model = methods.prepare(model, method, t.gradient_checkpointing)
@@ -179,17 +178,8 @@ def build_dpo(recipe, source: str, model, tokenizer, train_examples: list[dict],
         max_length=None,  # pairs are truncated by us, with counts reported
         include_num_input_tokens_seen="non_padding",
     )
-    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    trainer = FtuneDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_dict(columns),
-        processing_class=tokenizer,
-        peft_config=methods.peft_config(method, source),
-        callbacks=list(callbacks),
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return _pretokenized(FtuneDPOTrainer, args, keys, model, tokenizer, train_examples, method, source, callbacks)
 
 
 def build_orpo(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
@@ -250,7 +240,6 @@ class FtuneKTOTrainer(KTOTrainer):
 def build_kto(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
     """The KTO trainer: desirable and undesirable replies (pairs count as one of each); with an adapter the
     reference is the base with the adapter switched off, as for DPO."""
-    import datasets
 
     t, method = recipe.training, recipe.method
     if t.batch_size < 2:
@@ -264,11 +253,18 @@ def build_kto(recipe, source: str, model, tokenizer, train_examples: list[dict],
         max_length=None,  # replies are truncated by us, with counts reported
         include_num_input_tokens_seen="non_padding",
     )
-    columns = {key: [e[key] for e in train_examples] for key in ("prompt_ids", "completion_ids", "label")}
-    trainer = FtuneKTOTrainer(
+    keys = ("prompt_ids", "completion_ids", "label")
+    return _pretokenized(FtuneKTOTrainer, args, keys, model, tokenizer, train_examples, method, source, callbacks)
+
+
+def _pretokenized(cls, args, keys, model, tokenizer, train_examples, method, source, callbacks):
+    """A TRL preference trainer over the columns `keys` of examples ftune tokenized."""
+    import datasets
+
+    trainer = cls(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_dict(columns),
+        train_dataset=datasets.Dataset.from_dict({key: [e[key] for e in train_examples] for key in keys}),
         processing_class=tokenizer,
         peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),
