@@ -4,7 +4,6 @@ is written by one context manager whatever happens."""
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import shutil
 import signal
@@ -16,7 +15,7 @@ from typing import Callable
 
 from finetune_cli import __version__, files, launch, methods, models, rundir, trainer
 from finetune_cli import recipe as recipes
-from finetune_cli.data import cache, jsonl
+from finetune_cli.data import cache, jsonl, sources
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.generate import reply
 from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
@@ -119,10 +118,12 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
     d, t = recipe.data, recipe.training
     train_stats, eval_stats = plan.stats["train"], plan.stats.get("eval", {})
     log(f"model {recipe.model.base}")
-    for f in plan.files:
+    identities = [sources.identity(spec) for spec in d.files()]  # a file's sha256, an hf: dataset's commit
+    for f, found in zip(plan.files, identities):
         weight = f", weight {f['weight']:g} -> {f['used']}" if f["weight"] != 1 else ""
         detected = " (detected)" if f["detected"] else ""
-        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}")
+        commit = f", commit {found['commit']}" if found.get("commit") else ""
+        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}{commit}")
     log(
         f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
@@ -149,8 +150,8 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
             "micro_batch_tokens": budget,
         },
         "data": {
-            "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in plan.files], **train_stats},
-            **({"eval": {"path": d.eval, "sha256": _sha256(d.eval), **eval_stats}} if d.eval else {}),
+            "train": {"files": [{**f, **found} for f, found in zip(plan.files, identities)], **train_stats},
+            **({"eval": {"path": e.path, **sources.identity(e), **eval_stats}} if (e := d.eval_source()) else {}),
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
     }
@@ -382,11 +383,3 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -28,11 +28,12 @@ def validate(recipe) -> ValidateReport:
     errors: list[LineError] = []
     files: list[dict] = []
 
-    def reader(path, fmt, columns, system_prompt):
+    def reader(spec, fmt, columns, system_prompt):
+        path = spec.path
         try:
-            records, bad, found = jsonl.parse(path, fmt, columns, system_prompt)
+            records, bad, found = jsonl.parse(spec, fmt, columns, system_prompt)
         except FtuneError as exc:
-            errors.append(LineError("missing file", str(path), str(exc).split(": ", 1)[-1]))
+            errors.append(LineError("missing file", str(path), str(exc).removeprefix(f"{path}: ")))
             files.append({"path": str(path), "format": None, "examples": 0, "errors": 1})
             return []
         errors.extend(bad)
@@ -209,7 +210,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     d = recipe.data
     records = []
     for spec in d.files():
-        records += jsonl.read(spec.path, spec.format, spec.columns, d.system_prompt)
+        records += jsonl.read(spec, spec.format, spec.columns, d.system_prompt)
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
     tokenizer = _tokenizer(recipe, records)
