@@ -105,7 +105,8 @@ class ValidateReport(_Result):
     recipe: str | None
     model: str
     files: list[dict[str, Any]]
-    errors: dict[str, list[dict[str, str]]]
+    errors: dict[str, list[dict[str, str]]]  # the first bad rows of each kind (validate.SHOWN)
+    error_counts: dict[str, int]  # how many of each kind
     error_count: int
     warnings: list[str]
     stats: dict[str, Any]

@@ -47,6 +47,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from finetune_cli import attention, files, launch, methods, microbatch, rundir
+from finetune_cli.data import examples
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.perplexity import corpus_nll
 
@@ -75,8 +76,6 @@ class FtuneTrainer(SFTTrainer):
 def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
     """The trainer for the recipe: our tokenized examples, TRL's collator (padded, or padding-free when
     `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
-    import datasets
-
     t, method = recipe.training, recipe.method
     precision = methods.precision(t.precision)
     packing = packing_applies(recipe)
@@ -119,11 +118,10 @@ def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out
         include_num_input_tokens_seen="all" if packing else "non_padding",
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
     )
-    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
     trainer = FtuneTrainer(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_dict(columns),
+        train_dataset=examples.dataset(train_examples),
         processing_class=tokenizer,
         peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),
