@@ -111,6 +111,7 @@ def _tokenize(recipe, plan: Plan) -> None:
             )
     if not plan.train_examples:
         raise FtuneError(f"{d.files()[0].path}: no example has a learned token left after truncation to {d.max_length}")
+    plan.train = []  # the examples stand for the records from here on: their memory goes to the model and the steps
 
 
 def _describe(recipe, plan: Plan, strategy: str, log) -> dict:

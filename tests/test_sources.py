@@ -322,7 +322,7 @@ def test_recipe_keys_of_sources(tmp_path):
         load("  train: a.jsonl\n  eval: {path: b.jsonl, weight: 2}\n")
 
 
-def test_folders_that_are_not_one_dataset_are_refused(tmp_path):
+def test_sources_that_are_not_one_table_are_refused(tmp_path):
     (tmp_path / "splits").mkdir()
     for name in ("train.jsonl", "test.jsonl"):
         write_jsonl(tmp_path / "splits" / name, chats(2))
@@ -332,5 +332,8 @@ def test_folders_that_are_not_one_dataset_are_refused(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(FtuneError, match="no data files in this folder"):
         jsonl.read(tmp_path / "empty")
+    (tmp_path / "object.json").write_text(json.dumps({"data": chats(2)}, indent=1), encoding="utf-8")
+    with pytest.raises(FtuneError, match="one JSON object, not an array of records.*its list 'data' may hold"):
+        jsonl.read(tmp_path / "object.json")
     with pytest.raises(FtuneError, match="split 'test' applies to hf: datasets and save_to_disk folders"):
         jsonl.read(recipes.DataSource(path=str(write_jsonl(tmp_path / "one.jsonl", chats(1))), split="test"))

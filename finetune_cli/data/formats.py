@@ -184,6 +184,7 @@ def _messages(record: dict, key: str, where: str) -> list[dict]:
             raise LineError(
                 "unknown role", where, f"message {i} has unknown role {_short(role)}; use one of {', '.join(ROLES)}"
             )
+        role = ROLES[ROLES.index(role)]  # one string object for every message's role, not one each: big sets
         messages.append(_message(role, msg.get("content"), msg, i, where))
     return messages
 

@@ -9,6 +9,7 @@ markers, and the end-of-turn token is learned even when it is also the pad token
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -163,8 +164,8 @@ def tokenize_all(tokenizer, records: list[dict], max_length: int, train_on: str)
         "examples": len(examples),
         "truncated": truncated,
         "dropped": dropped,
-        "tokens": len(examples.ids),
-        "learned_tokens": int(np.count_nonzero(examples.labels != IGNORE)),
+        "tokens": examples.tokens(),
+        "learned_tokens": examples.learned(IGNORE),
     }
     return examples, stats
 
@@ -199,18 +200,19 @@ def _tokenize_chunk(tokenizer, records: list[dict], max_length: int, train_on: s
 # times): processes, not threads, spread it over the cores.
 CHUNK = 256
 PARALLEL_FROM = 4096  # fewer records are done before a pool of processes has started
+MAX_WORKERS = 16  # each holds a tokenizer and a Python: more rarely pays on one machine's memory
 _JOB: tuple | None = None
 
 
 def workers(count: int) -> int:
-    """Processes to tokenize `count` records with: every available core (FTUNE_TOKENIZE_WORKERS overrides), one
-    for small sets, and one where processes cannot be forked."""
+    """Processes to tokenize `count` records with: every available core up to MAX_WORKERS (FTUNE_TOKENIZE_WORKERS
+    overrides), one for small sets, and one where processes cannot be forked."""
     setting = os.environ.get("FTUNE_TOKENIZE_WORKERS")
     if setting:
         return max(1, int(setting))
     if count < PARALLEL_FROM or "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
         return 1
-    return len(os.sched_getaffinity(0))
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 def map_records(tokenizer, records: list, work, *args) -> Iterator:
@@ -223,10 +225,12 @@ def map_records(tokenizer, records: list, work, *args) -> Iterator:
         return
     global _JOB
     _JOB = (tokenizer, work, args)
+    gc.freeze()  # the workers' garbage collector leaves the parent's objects alone: their pages stay shared
     try:
         with multiprocessing.get_context("fork").Pool(n, initializer=_ignore_sigint) as pool:
             yield from pool.imap(_run, chunks)
     finally:
+        gc.unfreeze()
         _JOB = None
 
 

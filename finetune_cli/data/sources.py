@@ -228,6 +228,12 @@ def _json(path: Path) -> Iterator[Row]:
     file, as many Hub datasets name them."""
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     first = data.lstrip()[:1]
+    if first == b"{" and b"\n" in data.strip():  # one object over many lines, or JSON lines: "Extra data" is quick
+        whole = _loads(data.decode("utf-8", "replace"), str(path))
+        if isinstance(whole, dict):
+            lists = [k for k, v in whole.items() if isinstance(v, list)]
+            hint = f"; its list {lists[0]!r} may hold the records: save them as an array" if lists else ""
+            raise FtuneError(f"{path}: one JSON object, not an array of records or one record per line{hint}")
     if first != b"[":
         yield from _jsonl(path)
         return
