@@ -207,12 +207,14 @@ _JOB: tuple | None = None
 def workers(count: int) -> int:
     """Processes to tokenize `count` records with: every available core up to MAX_WORKERS (FTUNE_TOKENIZE_WORKERS
     overrides), one for small sets, and one where processes cannot be forked."""
-    setting = os.environ.get("FTUNE_TOKENIZE_WORKERS")
-    if setting:
-        return max(1, int(setting))
-    if count < PARALLEL_FROM or "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
+    if "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
         return 1
-    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    setting = os.environ.get("FTUNE_TOKENIZE_WORKERS", "").strip()
+    if setting:
+        if not setting.isdigit():
+            raise FtuneError(f"FTUNE_TOKENIZE_WORKERS={setting}: expected a number of processes (1: none)")
+        return max(1, int(setting))
+    return 1 if count < PARALLEL_FROM else min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 def map_records(tokenizer, records: list, work, *args) -> Iterator:

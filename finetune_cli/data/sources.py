@@ -358,7 +358,7 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None) -> Sou
     import datasets
 
     label = f"hf:{name}" + (f":{subset}" if subset else "") + f"[{split}]"
-    offline = datasets.config.HF_HUB_OFFLINE
+    offline = getattr(datasets.config, "HF_HUB_OFFLINE", getattr(datasets.config, "HF_DATASETS_OFFLINE", False))
     try:
         ds = datasets.load_dataset(name, subset, split=split, revision=revision)
     except ConnectionError:
