@@ -185,13 +185,24 @@ def main() -> None:
     parser.add_argument("--formats", default="jsonl,parquet")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--report", action="store_true", help="print the report of the results in --work")
+    parser.add_argument("--rerun-train", action="store_true", help="measure the training steps of --work again")
     args = parser.parse_args()
     work = Path(args.work)
+    base_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.report:
         report(json.loads((work / "results.json").read_text()), work)
         return
+    if args.rerun_train:  # the training step again for every row measured, from the caches they left
+        rows = json.loads((work / "results.json").read_text())
+        for r in rows:
+            folder = work / str(r["n"])
+            env = {**base_env, "FTUNE_HOME": str(folder / f"home-{r['format']}")}
+            r["train"] = run([*FTUNE, "train", str(folder / f"{r['format']}.yaml"), "--overwrite"], env)
+            assert r["train"]["code"] == 0, r["train"]
+        (work / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+        report(rows, work)
+        return
     model = tiny_model(work / "tiny-llama")
-    base_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         folder = work / str(n)
