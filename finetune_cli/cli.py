@@ -49,6 +49,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no "Retrying in 1s" lines before our one-line error
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")  # "Using the latest cached version": run.json says which
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if "transformers" in sys.modules:  # already imported (e.g. in-process callers): the env vars came too late
@@ -60,6 +61,11 @@ def _quiet_libraries() -> None:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 @contextmanager

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from finetune_cli import models, preference, rundir
-from finetune_cli.data import jsonl
+from finetune_cli.data import jsonl, sources
 from finetune_cli.errors import FtuneError
 from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
 from finetune_cli.results import Change, EvalResult, GenerateEval, PairChange
@@ -199,18 +198,16 @@ def _records(found: rundir.Target, target: str, data: list[str]) -> tuple[list[s
     recipe = found.recipe
     if not data:
         return _run_eval_data(recipe, target)
-    names = [str(Path(f).resolve()) for f in data]  # one eval.json entry per file, however it is named
+    names = [f if f.startswith(sources.HUB_PREFIX) else str(Path(f).resolve()) for f in data]  # one entry per file
     d = recipe.data if recipe else None
     read = (lambda f: jsonl.read(f, d.format, d.columns, d.system_prompt)) if d else jsonl.read
     return names, [r for f in data for r in read(f)]
 
 
 def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """A file's or folder's sha256; for an hf: dataset its commit (a local one's fingerprint)."""
+    found = sources.identity(str(path))
+    return found.get("sha256") or found.get("commit") or found["fingerprint"]
 
 
 def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:
@@ -219,7 +216,8 @@ def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:
         raise FtuneError(f"{target} is a model, not a run: pass the data to score with --data FILE.jsonl")
     d = recipe.data
     if d.eval:
-        return [d.eval], jsonl.read(d.eval, d.format, d.columns, d.system_prompt)
+        source = d.eval_source()
+        return [source.path], jsonl.read(source, source.format, source.columns, d.system_prompt)
     if d.eval_split:
         held = jsonl.load(d, recipe.training.seed)[1]
         return [f"training data (eval_split {d.eval_split})"], held

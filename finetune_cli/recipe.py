@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_cli import files
 from finetune_cli.errors import FtuneError
@@ -52,16 +52,34 @@ Format = Literal[
 Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
 
-class TrainFile(_Section):
+class DataSource(_Section):
+    """One data source: a file, a folder, or `hf:ORG/NAME` (with the split, subset and revision to load)."""
+
     path: str
-    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
     format: Format | None = None
     columns: Columns | None = None
+    split: str | None = None  # hf: datasets (default train) and save_to_disk folders of several splits
+    subset: str | None = None  # hf: the config name
+    revision: str | None = None  # hf: a branch, tag or commit
+
+    @field_validator("subset", "revision")
+    @classmethod
+    def _hub_only(cls, value, info):
+        from finetune_cli.data.sources import HUB_PREFIX
+
+        path = info.data.get("path")
+        if value is not None and isinstance(path, str) and not path.startswith(HUB_PREFIX):
+            raise ValueError(f"{info.field_name} applies to hf: datasets only, not to the local {path}")
+        return value
+
+
+class TrainFile(DataSource):
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
 
 
 class DataSection(_Section):
     train: str | list[str | TrainFile]
-    eval: str | None = None
+    eval: str | DataSource | None = None
     eval_split: float | None = Field(default=None, gt=0, lt=1)
     format: Format = "auto"
     columns: Columns = {}
@@ -85,6 +103,13 @@ class DataSection(_Section):
         specs = [TrainFile(path=f) if isinstance(f, str) else f for f in items]
         own = [{"format": s.format or self.format, "columns": s.columns or self.columns} for s in specs]
         return [s.model_copy(update=u) for s, u in zip(specs, own)]
+
+    def eval_source(self) -> DataSource | None:
+        """data.eval as a source, its format and columns resolved like a training file's."""
+        if self.eval is None:
+            return None
+        spec = DataSource(path=self.eval) if isinstance(self.eval, str) else self.eval
+        return spec.model_copy(update={"format": spec.format or self.format, "columns": spec.columns or self.columns})
 
 
 class LoraMethod(_Section):
@@ -319,7 +344,7 @@ def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
         raise FtuneError(f"{where}: {_describe(err, loc)}") from None
 
 
-_UNION_TAG = re.compile(r"str|TrainFile|.*\[.*")
+_UNION_TAG = re.compile(r"str|TrainFile|DataSource|.*\[.*")
 
 
 def _check_method(method: dict) -> tuple[str, str] | None:
@@ -372,6 +397,8 @@ def _short(value) -> str:
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
     if loc[:2] == ("data", "train"):
         return list(TrainFile.model_fields)
+    if loc[:2] == ("data", "eval"):
+        return list(DataSource.model_fields)
     model: type[BaseModel] = Recipe
     for part in loc:
         model = model.model_fields[part].annotation
@@ -442,11 +469,14 @@ def _string_key(parts: list[str]) -> bool:
         types_ = [cls.model_fields[part].annotation for cls in sections if part in cls.model_fields]
         if not types_:
             return False
-        if i == len(parts) - 1:
-            return any(t is str or (_is_union(t) and set(get_args(t)) == {str, type(None)}) for t in types_)
+        if i == len(parts) - 1:  # data.eval: a path or a mapping; on the command line, a path as typed
+            return any(t is str or (_is_union(t) and set(get_args(t)) - _SECTIONS == {str, type(None)}) for t in types_)
         options = [a for t in types_ for a in ((t,) if not _is_union(t) else get_args(t))]
         sections = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
     return False
+
+
+_SECTIONS = {DataSource}
 
 
 def _is_union(annotation) -> bool:
@@ -460,15 +490,21 @@ def _resolve_paths(recipe: Recipe, folder: Path) -> Recipe:
     def resolve(p: str | None) -> str | None:
         return None if p is None else str((folder / Path(p).expanduser()).resolve())
 
-    if isinstance(recipe.data.train, list):
-        for i, f in enumerate(recipe.data.train):
-            if isinstance(f, str):
-                recipe.data.train[i] = resolve(f)
-            else:
-                f.path = resolve(f.path)
+    def data(p: str) -> str:
+        from finetune_cli.data.sources import resolve_hub
+
+        return resolve_hub(p, folder) if p.startswith("hf:") else resolve(p)
+
+    d = recipe.data
+    for spec in [*(d.train if isinstance(d.train, list) else []), d.eval]:
+        if isinstance(spec, DataSource):
+            spec.path = data(spec.path)
+    if isinstance(d.train, list):
+        d.train = [data(f) if isinstance(f, str) else f for f in d.train]
     else:
-        recipe.data.train = resolve(recipe.data.train)
-    recipe.data.eval = resolve(recipe.data.eval)
+        d.train = data(d.train)
+    if isinstance(d.eval, str):
+        d.eval = data(d.eval)
     recipe.distributed.config = resolve(recipe.distributed.config)
     recipe.output.dir = os.path.expanduser(recipe.output.dir)  # not resolved: relative to the working directory
     from finetune_cli.data.templates import NAMES

@@ -97,6 +97,8 @@ class RunInfo(_Result):
     resumed_from: str | None = None
     started: str | None = None
     versions: dict[str, str | None] = {}
+    device: str | None = None  # "cuda (NVIDIA H200)" or "cpu (avx2)"
+    precision: str | None = None  # what training.precision resolved to: fp32, bf16 or fp16
     distributed: Distributed | None = None
     data: dict[str, Any] = {}  # train: files (path, format, weight, sha256...) and token counts; eval: path or split
     seconds: float | None = None
@@ -121,7 +123,8 @@ class ValidateReport(_Result):
     recipe: str | None
     model: str
     files: list[dict[str, Any]]
-    errors: dict[str, list[dict[str, str]]]
+    errors: dict[str, list[dict[str, str]]]  # the first bad rows of each kind (validate.SHOWN)
+    error_counts: dict[str, int]  # how many of each kind
     error_count: int
     warnings: list[str]
     stats: dict[str, Any]

@@ -4,7 +4,6 @@ is written by one context manager whatever happens."""
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import shutil
 import signal
@@ -16,7 +15,7 @@ from typing import Callable
 
 from finetune_cli import __version__, files, launch, methods, models, preference, rundir, trainer
 from finetune_cli import recipe as recipes
-from finetune_cli.data import cache, jsonl
+from finetune_cli.data import cache, jsonl, sources
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.generate import reply
 from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
@@ -132,6 +131,7 @@ def _tokenize_sft(recipe, plan: Plan, shared: bool) -> None:
             plan.eval_examples, plan.stats["eval"] = build_examples(
                 plan.tokenizer, plan.eval, d.max_length, d.train_on, stride, shared
             )
+    plan.train = []  # the examples stand for the records from here on: their memory goes to the model and the steps
 
 
 def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
@@ -139,10 +139,12 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
     d, t = recipe.data, recipe.training
     train_stats, eval_stats = plan.stats["train"], plan.stats.get("eval", {})
     log(f"model {recipe.model.base}")
-    for f in plan.files:
+    identities = [sources.identity(spec) for spec in d.files()]  # a file's sha256, an hf: dataset's commit
+    for f, found in zip(plan.files, identities):
         weight = f", weight {f['weight']:g} -> {f['used']}" if f["weight"] != 1 else ""
         detected = " (detected)" if f["detected"] else ""
-        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}")
+        commit = f", commit {found['commit']}" if found.get("commit") else ""
+        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}{commit}")
     log(
         f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
         f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
@@ -159,11 +161,15 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
         + (f" ({strategy})" if processes > 1 else "")
         + (f"; packed micro-batches run in passes of at most {budget} tokens" if budget else "")
     )
+    device, precision = _device(), methods.precision(t.precision)
+    log(f"device {device}, precision {precision}")
     return {
         "status": "running",
         **({"resumed_from": str(plan.checkpoint)} if plan.checkpoint else {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
+        "device": device,
+        "precision": precision,
         "distributed": {
             "processes": processes,
             "strategy": strategy,
@@ -171,11 +177,20 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
             "micro_batch_tokens": budget,
         },
         "data": {
-            "train": {"files": [{**f, "sha256": _sha256(f["path"])} for f in plan.files], **train_stats},
-            **({"eval": {"path": d.eval, "sha256": _sha256(d.eval), **eval_stats}} if d.eval else {}),
+            "train": {"files": [{**f, **found} for f, found in zip(plan.files, identities)], **train_stats},
+            **({"eval": {"path": e.path, **sources.identity(e), **eval_stats}} if (e := d.eval_source()) else {}),
             **({"eval": {"split": d.eval_split, **eval_stats}} if d.eval_split else {}),
         },
     }
+
+
+def _device() -> str:
+    """What trains: `cuda (NVIDIA H100 80GB HBM3)` or `cpu (avx2)`, the CPU kernels torch picked."""
+    import torch
+
+    if trainer.cuda():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({torch.backends.cpu.get_cpu_capability().lower()})"
 
 
 def _load_model(recipe, plan: Plan, strategy: str):
@@ -407,11 +422,3 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

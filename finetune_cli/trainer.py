@@ -52,6 +52,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from finetune_cli import attention, files, launch, methods, microbatch, preference, rundir
+from finetune_cli.data import examples
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.perplexity import corpus_nll
 
@@ -127,7 +128,6 @@ def _arguments(recipe, out: Path) -> dict:
 def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
     """The SFT trainer: our tokenized examples, TRL's collator (padded, or padding-free when
     `training.packing`), the sampler `training.group_by_length` picks, and the method's PEFT config."""
-    import datasets
 
     t, method = recipe.training, recipe.method
     packing = packing_applies(recipe)
@@ -143,11 +143,10 @@ def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict],
         # packed rows hold no padding; padded batches count their attention mask (pad may equal EOS)
         include_num_input_tokens_seen="all" if packing else "non_padding",
     )
-    columns = {"input_ids": [e["input_ids"] for e in train_examples], "labels": [e["labels"] for e in train_examples]}
     trainer = FtuneTrainer(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_dict(columns),
+        train_dataset=examples.dataset(train_examples),
         processing_class=tokenizer,
         peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),

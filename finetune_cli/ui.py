@@ -195,17 +195,18 @@ def recipes_table(items: list[dict]) -> None:
 
 def validate_report(report: dict) -> None:
     table = Table(title="ftune validate", title_justify="left")
-    for col in ("file", "format", "examples", "bad lines"):
+    for col in ("source", "format", "examples", "bad rows"):
         table.add_column(col, justify="left" if col in ("file", "format") else "right", overflow="fold")
     for f in report["files"]:
         table.add_row(f["path"], f["format"] or "-", f"{f['examples']:,}", str(f["errors"]))
     console.print(table)
     for kind, items in report["errors"].items():
-        console.print(f"[bold red]{kind}[/bold red]: {len(items)}")
+        count = report["error_counts"][kind]
+        console.print(f"[bold red]{kind}[/bold red]: {count:,}")
         for item in items[:10]:
             console.print(f"  {item['where']}: {item['message']}", markup=False)
-        if len(items) > 10:
-            console.print(f"  ... and {len(items) - 10} more (--json lists all)")
+        if count > 10:
+            console.print(f"  ... and {count - 10:,} more (--json lists the first {len(items)})")
     for warning in report["warnings"][:20]:
         console.print(f"warning: {warning}", markup=False, style="yellow")
     s = report["stats"]

@@ -1,12 +1,14 @@
 """`ftune validate` and `ftune preview`: what the model will learn, before any weights are loaded.
 
-validate reads every line of every data file (tokenizer only), groups bad lines by kind with file and
-line, warns about missing system messages and duplicates, and counts tokens and learned tokens per
-example before truncation, what truncation to max_length would lose, and the steps an epoch takes.
+validate reads every row of every data source (tokenizer only), groups bad rows by kind with file and line
+or row (the first SHOWN of each kind, and how many), warns about missing system messages and duplicates, and
+counts tokens and learned tokens per example before truncation, what truncation to max_length would lose, and
+the steps an epoch takes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -15,7 +17,7 @@ from pathlib import Path
 from finetune_cli import methods, models, preference
 from finetune_cli.data import jsonl
 from finetune_cli.data.formats import LineError
-from finetune_cli.data.masking import IGNORE, tokenize, tokenize_text
+from finetune_cli.data.masking import IGNORE, map_records, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
 from finetune_cli.preference import FIELDS
 from finetune_cli.results import ValidateReport
@@ -23,6 +25,7 @@ from finetune_cli.results import ValidateReport
 PREFERENCE_KEYS = ("prompt", *FIELDS, "completion", "label")
 
 UNLIMITED = 1 << 40
+SHOWN = 20  # bad rows listed per kind of error, and duplicates listed; the counts are of all of them
 
 
 def validate(recipe) -> ValidateReport:
@@ -31,11 +34,12 @@ def validate(recipe) -> ValidateReport:
     errors: list[LineError] = []
     files: list[dict] = []
 
-    def reader(path, fmt, columns, system_prompt):
+    def reader(spec, fmt, columns, system_prompt):
+        path = spec.path
         try:
-            records, bad, found = jsonl.parse(path, fmt, columns, system_prompt)
+            records, bad, found = jsonl.parse(spec, fmt, columns, system_prompt)
         except FtuneError as exc:
-            errors.append(LineError("missing file", str(path), str(exc).split(": ", 1)[-1]))
+            errors.append(LineError("missing file", str(path), str(exc).removeprefix(f"{path}: ")))
             files.append({"path": str(path), "format": None, "examples": 0, "errors": 1})
             return []
         errors.extend(bad)
@@ -49,11 +53,12 @@ def validate(recipe) -> ValidateReport:
     source = models.resolve(recipe.model.base)
     tokenizer = _tokenizer(recipe, lines, source)
     counted = {}
-    for r in lines:
-        try:
-            counted[r["source"]] = _count(tokenizer, r, d.max_length, d.train_on, d.system_prompt)
-        except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
-            errors.append(LineError("template", r["source"], f"chat template cannot render this conversation: {exc}"))
+    for chunk in map_records(tokenizer, lines, _count_chunk, d.max_length, d.train_on, d.system_prompt):
+        for where, count, problem in chunk:
+            if problem is not None:
+                errors.append(LineError("template", where, f"chat template cannot render this conversation: {problem}"))
+            else:
+                counted[where] = count
     train = [r for r in train if r["source"] in counted]
     stats = _stats([counted[r["source"]] for r in train], d.max_length)
     if preference.is_preference(train):
@@ -83,14 +88,18 @@ def validate(recipe) -> ValidateReport:
     except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
         warnings.insert(0, f"this machine cannot train this recipe as it is: {exc}")
     by_kind: dict[str, list[dict]] = {}
+    counts = Counter(e.kind for e in errors)
     for e in errors:
-        by_kind.setdefault(e.kind, []).append({"where": e.where, "message": e.detail})
+        shown = by_kind.setdefault(e.kind, [])
+        if len(shown) < SHOWN:
+            shown.append({"where": e.where, "message": e.detail})
     return ValidateReport(
         **{
             "recipe": recipe.output.dir,
             "model": recipe.model.base,
             "files": files,
             "errors": by_kind,
+            "error_counts": dict(counts),
             "error_count": len(errors),
             "warnings": warnings,
             "stats": stats,
@@ -111,6 +120,17 @@ def _tokenizer(recipe, records: list[dict], source: str | None = None):
         recipe.model.trust_remote_code,
         require_template=any("messages" in r or "prompt" in r for r in records),
     )
+
+
+def _count_chunk(tokenizer, records: list[dict], max_length: int, train_on: str, system_prompt) -> list[tuple]:
+    """(where, counts, None) for each record, or (where, None, why the template cannot render it)."""
+    out = []
+    for r in records:
+        try:
+            out.append((r["source"], _count(tokenizer, r, max_length, train_on, system_prompt), None))
+        except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
+            out.append((r["source"], None, str(exc)))
+    return out
 
 
 def _count(tokenizer, record: dict, max_length: int, train_on: str, system_prompt: str | None = None) -> dict:
@@ -159,13 +179,18 @@ def _warnings(records: list[dict]) -> list[str]:
         )
     elif without:
         out.append("no conversation has a system message; data.system_prompt can add one to each")
-    firsts: dict[str, str] = {}
+    firsts: dict[bytes, str] = {}  # a digest of each example's content, not its text: big sets stay small here
+    duplicates = []
     for r in records:
         content = r.get("messages", r.get("text")) if "prompt" not in r else [r.get(k) for k in PREFERENCE_KEYS]
         text = json.dumps(content, sort_keys=True)
-        if text in firsts and firsts[text] != r["source"]:
-            out.append(f"{r['source']}: duplicate of {firsts[text]}")
-        firsts.setdefault(text, r["source"])
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if digest in firsts and firsts[digest] != r["source"]:
+            duplicates.append(f"{r['source']}: duplicate of {firsts[digest]}")
+        firsts.setdefault(digest, r["source"])
+    out += duplicates[:SHOWN]
+    if len(duplicates) > SHOWN:
+        out.append(f"{len(duplicates)} duplicates in all (the first {SHOWN} are listed)")
     ends = Counter(r["messages"][-1]["role"] for r in chats)
     if ends.get("user"):
         out.append(f"{ends['user']} conversations end with a user turn that nothing answers (it is not learned)")
@@ -223,7 +248,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     d = recipe.data
     records = []
     for spec in d.files():
-        records += jsonl.read(spec.path, spec.format, spec.columns, d.system_prompt)
+        records += jsonl.read(spec, spec.format, spec.columns, d.system_prompt)
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
     tokenizer = _tokenizer(recipe, records)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy
+import pyarrow
+import pyarrow.ipc
 import pytest
 import torch
 import yaml
@@ -273,7 +274,7 @@ def test_tokenized_cache_keeps_the_32_newest_entries(tmp_path, tiny_model_dir, m
     folder.mkdir(parents=True)
     monkeypatch.setenv("FTUNE_HOME", str(home))
     now = time.time()
-    planted = [folder / f"planted-{i:02d}.npz" for i in range(32)]
+    planted = [folder / f"planted-{i:02d}.arrow" for i in range(32)]
     for i, path in enumerate(planted):
         path.write_bytes(b"an older entry")
         os.utime(path, (now - 3600 * (100 - i),) * 2)  # planted-00 is the oldest
@@ -283,15 +284,15 @@ def test_tokenized_cache_keeps_the_32_newest_entries(tmp_path, tiny_model_dir, m
     def score(data):
         result = invoke("eval", tiny_model_dir, "--data", tmp_path / data, "--max-length", "96", "--json")
         assert result.exit_code == 0, result.output
-        return {p.name for p in folder.glob("*.npz")}
+        return {p.name for p in folder.glob("*.arrow")}
 
     names = score("a.jsonl")
     new = names - {p.name for p in planted}
     assert len(new) == 1 and len(names) == 32
     assert names == {p.name for p in planted[1:]} | new  # the oldest went
     (entry,) = new
-    with numpy.load(folder / entry, allow_pickle=False) as f:  # numpy arrays, no pickle
-        assert "input_ids" in f.files
+    with pyarrow.memory_map(str(folder / entry)) as f:  # an Arrow file of token ids and labels, no pickle
+        assert pyarrow.ipc.open_file(f).schema.names == ["input_ids", "labels"]
 
     os.utime(folder / entry, (now - 3600 * 1000,) * 2)  # now the oldest of all...
     assert score("a.jsonl") == names  # ...a hit: nothing written, nothing dropped

@@ -151,7 +151,7 @@ def test_overwrite_replaces_the_run(tiny_recipe, tmp_path, monkeypatch):
     # the same data, tokenizer and settings again: tokenized once, then read back from the cache, unchanged
     second = json.loads((run / "run.json").read_text())["data"]["train"]
     assert (first.pop("cache"), second.pop("cache")) == ("miss", "hit")
-    assert first == second and any((tmp_path / "home" / "tokenized").glob("*.npz"))
+    assert first == second and any((tmp_path / "home" / "tokenized").glob("*.arrow"))
     # a file ftune did not write is never replaced: --overwrite is refused, naming it
     (run / "stale.txt").write_text("mine")
     refused = runner.invoke(app, args)

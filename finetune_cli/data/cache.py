@@ -2,8 +2,8 @@
 
 The key hashes everything tokenization depends on: the records (so the data files, format, columns,
 system prompt, weights and split), the tokenizer (vocabulary, merges, special tokens), the chat
-template, max_length, train_on and ftune's version. Entries are numpy arrays (no pickle), written
-atomically under $FTUNE_HOME/tokenized; the newest KEEP entries are kept.
+template, max_length, train_on and ftune's version. Entries are Arrow files (`examples.save`: no pickle),
+written atomically under $FTUNE_HOME/tokenized and memory-mapped when read; the newest KEEP entries are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 from finetune_cli import __version__
+from finetune_cli.data import examples
+from finetune_cli.data.examples import Examples
 from finetune_cli.data.masking import tokenize_all
 
 KEEP = 32
@@ -43,53 +45,41 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize(tokenizer, records: list[dict], max_length: int, train_on: str, enabled: bool = True):
     """`masking.tokenize_all` through the cache: (examples, stats), stats["cache"] is "hit", "miss" or "off"."""
     if not enabled or not records:
-        examples, stats = tokenize_all(tokenizer, records, max_length, train_on)
-        return examples, {**stats, "cache": "off"}
-    path = directory() / f"{key(tokenizer, records, max_length, train_on)}.npz"
+        tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on)
+        return tokenized, {**stats, "cache": "off"}
+    path = directory() / f"{key(tokenizer, records, max_length, train_on)}.arrow"
     loaded = _load(path)
     if loaded is not None:
         return loaded[0], {**loaded[1], "cache": "hit"}
-    examples, stats = tokenize_all(tokenizer, records, max_length, train_on)
+    tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on)
     try:
-        _save(path, examples, stats)
+        _save(path, tokenized, stats)
     except OSError:  # a read-only or full cache folder only costs speed
         pass
-    return examples, {**stats, "cache": "miss"}
+    return tokenized, {**stats, "cache": "miss"}
 
 
 def _load(path: Path):
-    import numpy as np
-
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            ids, labels, lengths = f["input_ids"].tolist(), f["labels"].tolist(), f["lengths"].tolist()
-            stats = json.loads(str(f["stats"]))
-    except (OSError, ValueError, KeyError):
+        loaded = examples.load(path)
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable entry: tokenize again and overwrite it
     os.utime(path)
-    examples, start = [], 0
-    for n in lengths:
-        examples.append({"input_ids": ids[start : start + n], "labels": labels[start : start + n]})
-        start += n
-    return examples, stats
+    return loaded
 
 
-def _save(path: Path, examples: list[dict], stats: dict) -> None:
-    import numpy as np
-
+def _save(path: Path, tokenized: Examples, stats: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            input_ids=np.array([t for e in examples for t in e["input_ids"]], dtype=np.int64),
-            labels=np.array([t for e in examples for t in e["labels"]], dtype=np.int64),
-            lengths=np.array([len(e["input_ids"]) for e in examples], dtype=np.int64),
-            stats=np.array(json.dumps(stats)),
-        )
-    os.replace(tmp, path)
-    entries = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+    try:
+        examples.save(tmp, tokenized, stats)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in path.parent.glob("*.npz"):  # the format before Arrow files
+        old.unlink(missing_ok=True)
+    entries = sorted(path.parent.glob("*.arrow"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
         old.unlink(missing_ok=True)

@@ -15,6 +15,8 @@ A message may say `"train": false` (or OpenAI's `"weight": 0`) to keep that assi
 
 from __future__ import annotations
 
+import json
+
 from finetune_cli.errors import FtuneError
 
 ROLES = ("system", "user", "assistant")
@@ -51,6 +53,35 @@ class LineError(FtuneError):
     def __init__(self, kind: str, where: str, message: str):
         super().__init__(f"{where}: {message}")
         self.kind, self.where, self.detail = kind, where, message
+
+
+def json_text(record, columns: dict[str, str], where: str) -> tuple[object, bool]:
+    """A table's cells that hold a list as JSON text (CSV has no lists; many Parquet exports store them so),
+    decoded: `messages` and `conversations` always, `prompt` and `completion` when the text is a JSON list of
+    messages (else it is the prompt itself). Returns (record, whether any text was decoded)."""
+    if not isinstance(record, dict):
+        return record, False
+    decoded = False
+    for name in ("messages", "conversations", "prompt", "completion"):
+        key = columns.get(name, name)
+        value = record.get(key)
+        if not isinstance(value, str):
+            continue
+        chat = name in ("messages", "conversations")
+        if not chat and not value.lstrip().startswith("["):
+            continue
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            if not chat:
+                continue
+            detail = f"{exc.msg}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "too deep or long"
+            raise LineError("not JSON", where, f'"{key}" holds text that is not a JSON list ({detail})') from None
+        if not chat and not (isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed)):
+            continue
+        record = {**record, key: parsed}
+        decoded = True
+    return record, decoded
 
 
 def detect(record) -> str | None:
@@ -177,6 +208,7 @@ def _messages(record: dict, key: str, where: str) -> list[dict]:
             raise LineError(
                 "unknown role", where, f"message {i} has unknown role {_short(role)}; use one of {', '.join(ROLES)}"
             )
+        role = ROLES[ROLES.index(role)]  # one string object for every message's role, not one each: big sets
         messages.append(_message(role, msg.get("content"), msg, i, where))
     return messages
 

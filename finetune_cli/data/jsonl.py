@@ -1,15 +1,13 @@
-"""Reading JSONL data files in any supported format; mixing weighted files; held-out splits."""
+"""Reading data in any supported format from any source (`sources`: JSONL, JSON, Parquet, CSV, folders, Hub
+datasets) into records; mixing weighted sources; held-out splits. (Named for the first source it read.)"""
 
 from __future__ import annotations
 
-import codecs
 import json
 import random
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
-from finetune_cli.data.formats import LineError, convert, detect, rename
+from finetune_cli.data import sources
+from finetune_cli.data.formats import LineError, convert, detect, json_text, rename
 from finetune_cli.errors import FtuneError
 
 NO_FORMAT = (
@@ -21,32 +19,30 @@ SURROGATE = 'an escape between "\\ud800" and "\\udfff" without its pair is half 
 
 
 def parse(
-    path: str | Path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
+    path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
 ) -> tuple[list[dict], list[LineError], str | None]:
-    """Every line of a file: (records, errors, format). Records are `{"source": "file:line", "messages"|"text"}`.
+    """Every example of a source: (records, errors, format); a record is `{"source", "format", "messages"|"text"}`.
 
-    With `fmt="auto"` the format is the one of the first line that fits a format, and a later line in
+    `path` is a file, a folder, `hf:ORG/NAME`, or a recipe's data spec (path with split, subset, revision): see
+    `sources`. With `fmt="auto"` the format is the one of the first row that fits a format, and a later row in
     another format is an error. `system_prompt` is added to conversations that have no system message."""
-    path = Path(path)
-    if not path.is_file():
-        raise FtuneError(f"{path}: data file not found")
+    source = sources.open_source(path)
+    columns = columns or {}
     records, errors, detected_at = [], [], None
-    for lineno, where, line in _lines(path, errors):
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(LineError("not JSON", where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+    for where, at, raw, escapes in source.rows:
+        if isinstance(raw, LineError):
+            errors.append(raw)
             continue
-        except RecursionError:
-            errors.append(LineError("not JSON", where, "arrays or objects nested too deeply to read"))
-            continue
-        except ValueError:  # an integer of more digits than Python's int() reads
-            limit = sys.get_int_max_str_digits()
-            errors.append(LineError("not JSON", where, f"a number of more than {limit} digits, too long to read"))
-            continue
-        raw = rename(raw, columns or {})
+        if source.tabular:
+            try:
+                raw, decoded = json_text(raw, columns, where)
+            except LineError as exc:
+                errors.append(exc)
+                continue
+            escapes = escapes or decoded
+        raw = rename(raw, columns)
         if fmt == "auto" and detect(raw):
-            fmt, detected_at = detect(raw), lineno
+            fmt, detected_at = detect(raw), at
         elif fmt == "auto":
             errors.append(LineError("missing field", where, NO_FORMAT))
             continue
@@ -54,41 +50,16 @@ def parse(
             record = convert(raw, "messages" if fmt == "auto" else fmt, where)
         except LineError as exc:
             if exc.kind == "other format" and detected_at:
-                exc = LineError(exc.kind, where, f"{exc.detail} (detected from line {detected_at})")
+                exc = LineError(exc.kind, where, f"{exc.detail} (detected from {detected_at})")
             errors.append(exc)
             continue
-        if "\\u" in line and not _encodable(record):  # json reads a lone "\ud800" escape; tokenizers refuse it
+        if escapes and not _encodable(record):  # json reads a lone "\ud800" escape; tokenizers refuse it
             errors.append(LineError("not UTF-8", where, SURROGATE))
             continue
         if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
             record["messages"].insert(0, {"role": "system", "content": system_prompt})
         records.append({"source": where, "format": fmt, **record})
     return records, errors, None if fmt == "auto" else fmt
-
-
-def _lines(path: Path, errors: list[LineError]) -> Iterator[tuple[int, str, str]]:
-    """(number, "file:line", text) of each non-blank line. Text is UTF-8, a byte order mark at the start skipped
-    (spreadsheet exports write one); an undecodable line goes to `errors`, never trained on as U+FFFD."""
-    try:
-        f = path.open("rb")
-    except OSError as exc:
-        raise FtuneError(f"{path}: cannot read the data file: {exc.strerror}") from None
-    lineno = 0
-    with f:
-        for chunk in f:
-            for data in chunk.splitlines():  # \n, \r\n and \r: the lines that text mode numbered
-                lineno += 1
-                if lineno == 1:
-                    data = data.removeprefix(codecs.BOM_UTF8)
-                where = f"{path}:{lineno}"
-                try:
-                    line = data.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    byte = f"byte 0x{data[exc.start]:02x} at column {exc.start + 1}"
-                    errors.append(LineError("not UTF-8", where, f"not UTF-8 text ({byte}); save the file as UTF-8"))
-                    continue
-                if line.strip():
-                    yield lineno, where, line
 
 
 def _encodable(record: dict) -> bool:
@@ -99,15 +70,13 @@ def _encodable(record: dict) -> bool:
     return True
 
 
-def read(
-    path: str | Path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
-) -> list[dict]:
-    """The records of one file; the first bad line raises FtuneError naming file and line."""
+def read(path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None) -> list[dict]:
+    """The records of one source; the first bad row raises FtuneError naming file and line (or row)."""
     records, errors, _ = parse(path, fmt, columns, system_prompt)
     if errors:
         raise errors[0]
     if not records:
-        raise FtuneError(f"{path}: no examples (the file is empty)")
+        raise FtuneError(f"{getattr(path, 'path', path)}: no examples (the file is empty)")
     return records
 
 
@@ -120,7 +89,7 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
     rng = random.Random(seed)
     train, held, info = [], [], []
     for spec in data.files():
-        records = reader(spec.path, spec.format, spec.columns, data.system_prompt)
+        records = reader(spec, spec.format, spec.columns, data.system_prompt)
         if data.eval_split:
             records, out = split(records, data.eval_split, seed)
             held += out
@@ -140,7 +109,8 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
             }
         )
         train += weighted
-    evals = reader(data.eval, data.format, data.columns, data.system_prompt) if data.eval else held
+    source = data.eval_source()
+    evals = reader(source, source.format, source.columns, data.system_prompt) if source else held
     if data.eval_split and not held and train:
         raise FtuneError(f"data.eval_split {data.eval_split} holds out no example of so little data; raise it")
     return train, evals, info

@@ -9,6 +9,17 @@ markers, and the end-of-turn token is learned even when it is also the pad token
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
+import signal
+import sys
+from array import array
+from collections.abc import Iterator
+
+import numpy as np
+
+from finetune_cli.data.examples import Examples
 from finetune_cli.errors import FtuneError
 
 IGNORE = -100
@@ -104,16 +115,27 @@ def tokenize(tokenizer, messages: list[dict], max_length: int, train_on: str = "
     """Token ids and labels (-100 where not learned), truncated to `max_length`."""
     text, spans = learned_spans(tokenizer, messages, train_on)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [tok if _inside(s, e, spans) else IGNORE for tok, (s, e) in zip(ids, offsets)]
+    return _truncate(enc["input_ids"], _labels(enc["input_ids"], enc["offset_mapping"], spans), max_length)
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int) -> dict:
     truncated = len(ids) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
 
-def _inside(start: int, end: int, spans) -> bool:
-    if end == start:
-        return any(a <= start < b for a, b in spans)
-    return any(start < b and end > a for a, b in spans)
+def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where its characters fall in a learned span (an empty token: where it sits), else IGNORE.
+    One sweep: offsets and spans both run left to right."""
+    labels, j, previous = [], 0, 0
+    for tok, (start, end) in zip(ids, offsets):
+        if start < previous:  # offsets that step back (never seen from a fast tokenizer): search from the start
+            j = 0
+        previous = start
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        learned = j < len(spans) and (spans[j][0] <= start if end == start else end > spans[j][0])
+        labels.append(tok if learned else IGNORE)
+    return labels
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict]:
@@ -126,29 +148,98 @@ def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict]:
     return [{"input_ids": c, "labels": [IGNORE, *c[1:]]} for c in chunks if len(c) > 1]
 
 
-def tokenize_all(tokenizer, records: list[dict], max_length: int, train_on: str) -> tuple[list[dict], dict]:
-    """Tokenize conversations (and plain texts); drop those left with nothing to learn; return examples and counts."""
+def tokenize_all(tokenizer, records: list[dict], max_length: int, train_on: str) -> tuple[Examples, dict]:
+    """Tokenize conversations (and plain texts), in forked processes for big sets; drop those left with nothing to
+    learn; return the examples (flat, in record order) and counts."""
     if not getattr(tokenizer, "is_fast", False):
         raise FtuneError("this tokenizer has no fast (Rust) version; ftune needs character offsets to mask the loss")
-    examples, truncated, dropped = [], 0, 0
-    for record in records:
-        if "text" in record:
-            examples += tokenize_text(tokenizer, record["text"], max_length)
-            continue
-        try:
-            ex = tokenize(tokenizer, record["messages"], max_length, train_on)
-        except Exception as exc:  # noqa: BLE001 - a template's raise_exception or our span search
-            raise FtuneError(f"{record['source']}: chat template cannot render this conversation: {exc}") from None
-        truncated += ex.pop("truncated")
-        if all(label == IGNORE for label in ex["labels"]):
-            dropped += 1
-            continue
-        examples.append(ex)
+    parts, truncated, dropped = [], 0, 0
+    for part, error in map_records(tokenizer, records, _tokenize_chunk, max_length, train_on):
+        if error:
+            raise FtuneError(error)
+        parts.append(part[0])
+        truncated, dropped = truncated + part[1], dropped + part[2]
+    examples = Examples.concat(parts)
     stats = {
         "examples": len(examples),
         "truncated": truncated,
         "dropped": dropped,
-        "tokens": sum(len(e["input_ids"]) for e in examples),
-        "learned_tokens": sum(sum(label != IGNORE for label in e["labels"]) for e in examples),
+        "tokens": examples.tokens(),
+        "learned_tokens": examples.learned(IGNORE),
     }
     return examples, stats
+
+
+def _tokenize_chunk(tokenizer, records: list[dict], max_length: int, train_on: str):
+    """((examples, truncated, dropped), None) for some records, or (None, the first error naming its record)."""
+    ids, labels, lengths, truncated, dropped = array("i"), array("i"), [], 0, 0
+    for record in records:
+        if "text" in record:
+            chunks = tokenize_text(tokenizer, record["text"], max_length)
+        else:
+            try:
+                ex = tokenize(tokenizer, record["messages"], max_length, train_on)
+            except Exception as exc:  # noqa: BLE001 - a template's raise_exception or our span search
+                return None, f"{record['source']}: chat template cannot render this conversation: {exc}"
+            truncated += ex["truncated"]
+            if all(label == IGNORE for label in ex["labels"]):
+                dropped += 1
+                continue
+            chunks = [ex]
+        for c in chunks:
+            ids.extend(c["input_ids"])
+            labels.extend(c["labels"])
+            lengths.append(len(c["input_ids"]))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    examples = Examples(np.frombuffer(ids, np.int32), np.frombuffer(labels, np.int32), offsets)
+    return (examples, truncated, dropped), None
+
+
+# Tokenizing is pure Python around the tokenizer's Rust (the chat template renders each conversation 1 + 2 x turns
+# times): processes, not threads, spread it over the cores.
+CHUNK = 256
+PARALLEL_FROM = 4096  # fewer records are done before a pool of processes has started
+MAX_WORKERS = 16  # each holds a tokenizer and a Python: more rarely pays on one machine's memory
+_JOB: tuple | None = None
+
+
+def workers(count: int) -> int:
+    """Processes to tokenize `count` records with: every available core up to MAX_WORKERS (FTUNE_TOKENIZE_WORKERS
+    overrides), one for small sets, and one where processes cannot be forked."""
+    if "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
+        return 1
+    setting = os.environ.get("FTUNE_TOKENIZE_WORKERS", "").strip()
+    if setting:
+        if not setting.isdigit():
+            raise FtuneError(f"FTUNE_TOKENIZE_WORKERS={setting}: expected a number of processes (1: none)")
+        return max(1, int(setting))
+    return 1 if count < PARALLEL_FROM else min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
+def map_records(tokenizer, records: list, work, *args) -> Iterator:
+    """`work(tokenizer, chunk, *args)` for consecutive chunks of records, results in order. Big sets go to
+    forked processes (they inherit the tokenizer; each chunk is sent pickled, so none copies all records)."""
+    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
+    n = min(workers(len(records)), -(-len(records) // CHUNK))
+    if n <= 1:
+        yield from (work(tokenizer, chunk, *args) for chunk in chunks)
+        return
+    global _JOB
+    _JOB = (tokenizer, work, args)
+    gc.freeze()  # the workers' garbage collector leaves the parent's objects alone: their pages stay shared
+    try:
+        with multiprocessing.get_context("fork").Pool(n, initializer=_ignore_sigint) as pool:
+            yield from pool.imap(_run, chunks)
+    finally:
+        gc.unfreeze()
+        _JOB = None
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+
+
+def _run(chunk: list):
+    tokenizer, work, args = _JOB
+    return work(tokenizer, chunk, *args)
