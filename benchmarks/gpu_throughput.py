@@ -5,8 +5,12 @@ is built from a config and saved next to a tokenizer (default: the builtin SmolL
 takes). Reports learned tokens/s, peak GPU memory (max allocated), final loss and MFU of the device's
 measured bf16 matmul peak. `make bench` runs it when CUDA is available.
 
-Run: python benchmarks/gpu_throughput.py [--tokenizer DIR] [--repeats 2] [--tiny]
-(--tiny: a 2-layer model and short data, to check the script itself on a CPU.)
+QLoRA (nf4, bf16 compute) is compared with the same TRL script loading the model in 4-bit. `switches`: ftune's
+LoRA run again with `training.liger: true` (when liger-kernel is installed) and `training.compile: true`, one run
+each.
+
+Run: python benchmarks/gpu_throughput.py [--tokenizer DIR] [--repeats 2] [--methods lora,switches,qlora,full]
+     [--tiny]   (--tiny: a 2-layer model and short data, to check the script itself on a CPU.)
 """
 
 import argparse
@@ -56,6 +60,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", help="a tokenizer folder with a chat template (default: the builtin SmolLM2's)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--methods", default="lora,switches,qlora,full", help="switches: LoRA with Liger, with compile")
+    p.add_argument("--examples", type=int, default=64)
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     import torch
@@ -65,7 +71,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or models.resolve("smollm2-135m-instruct"))
     shape, length = (TINY, 256) if args.tiny else (LLAMA_1B, 2048)
-    examples, tt.BATCH, tt.ACCUM = 32, 4, 2
+    examples, tt.BATCH, tt.ACCUM = args.examples, 4, 2
     tt.STEPS = examples // (tt.BATCH * tt.ACCUM)
     folder = Path(tempfile.mkdtemp(prefix="ftune-gpu-bench-"))
     model = build_model(folder, tokenizer, shape)
@@ -88,13 +94,22 @@ def main() -> None:
     print(f"| method | | learned tokens/s (median, min-max) | {header} | final loss | MFU |")
     print("|---|---|---|---|---|---|")
     ratios = {}
-    for method in ("lora", "full"):
-        sets = {"method": method, "max_length": length}
-        recipe = tt.recipe(folder, data, f"gpu-{method}", sets, base=str(model))
-        ours, base = [], []
-        for _ in range(args.repeats):
-            ours.append(tt.ftune_run(recipe))
-            base.append(tt.baseline_run(str(model), tokenized, fp32=not cuda, full=method == "full"))
+    methods = [m for m in args.methods.split(",") if m not in ("qlora", "switches") or cuda]  # CUDA-only here
+    lora = None
+    for method in methods:
+        try:
+            if method == "switches":
+                switches(args, folder, data, model, length, counts, shape, peak, lora)
+                continue
+            sets = {"method": method, "max_length": length}
+            recipe = tt.recipe(folder, data, f"gpu-{method}", sets, base=str(model))
+            ours, base = [], []
+            for _ in range(args.repeats):
+                ours.append(tt.ftune_run(recipe))
+                base.append(tt.baseline_run(str(model), tokenized, not cuda, method == "full", method == "qlora"))
+        except SystemExit as exc:  # a method that fails is a finding: report it and go on
+            print(f"| {method} | failed: {' '.join(str(exc).split())[-300:]} | | | | |", flush=True)
+            continue
         flops = tt.useful_flops(counts, shape, counts["vocab"], full=method == "full")
         rates = {}
         for name, runs in (("ftune", ours), ("TRL baseline", base)):
@@ -108,10 +123,32 @@ def main() -> None:
             print(f"| {method} | {name} | {s[0]:,.0f} ({s[1]:,.0f}-{s[2]:,.0f}) | {m[0]:,.0f} | {loss[0]:.4f} | "
                   f"{mfu:.1f}% |")  # fmt: skip
         (o, om), (b, bm) = rates["ftune"], rates["TRL baseline"]
-        print(f"| {method} | ratio | **{o / b:.2f}x** | {om / bm:.2f}x | | |")
+        print(f"| {method} | ratio | **{o / b:.2f}x** | {om / bm:.2f}x | | |", flush=True)
         ratios[method] = o / b
+        lora = o if method == "lora" else lora
     goals = "; ".join(f"{m}: **{tt.verdict(r >= 1.5)}** ({r:.2f}x)" for m, r in ratios.items())
     print(f"\nGoal: learned tokens/s at least 1.5x the baseline's. {goals}.\n")
+
+
+def switches(args, folder, data, model, length, counts, shape, peak, lora_rate) -> None:
+    """ftune's LoRA run with `training.liger: true` (when liger-kernel is installed), then `training.compile: true`,
+    one run each, as rows of the table (the ratio is to ftune's LoRA defaults)."""
+    import importlib.util
+
+    todo = [("liger", {"liger": True})] * (importlib.util.find_spec("liger_kernel") is not None)
+    flops = tt.useful_flops(counts, shape, counts["vocab"])
+    for label, extra in [*todo, ("compile", {"compile": True})]:
+        recipe = tt.recipe(folder, data, "gpu-switch", {"method": "lora", "max_length": length, **extra},
+                           base=str(model))  # fmt: skip
+        try:
+            r = tt.ftune_run(recipe)
+        except SystemExit as exc:
+            print(f"| lora + {label} | ftune | failed: {' '.join(str(exc).split())[-300:]} | | | |", flush=True)
+            continue
+        rate = counts["learned"] / r["seconds"]
+        vs = f" ({rate / lora_rate:.2f}x the defaults)" if lora_rate else ""
+        print(f"| lora + {label} | ftune | {rate:,.0f}{vs} | {r['gpu_mib'] or r['rss']:,.0f} | {r['final_loss']:.4f} | "
+              f"{100 * flops / r['seconds'] / 1e12 / peak:.1f}% |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-FTUNE = str(Path(sys.executable).parent / "ftune")
+_SCRIPT = Path(sys.executable).parent / "ftune"
+FTUNE = [str(_SCRIPT)] if _SCRIPT.exists() else [PY, "-m", "finetune_cli"]  # not installed: run from the checkout
 BATCH, ACCUM, SHORT, LONG, TURNS = 4, 2, 16, 16, 5
 
 
@@ -71,7 +72,7 @@ def recipe(folder: Path, data: Path, name: str, sets: dict, base: str = "smollm2
     max_length = sets.pop("max_length", 1024)
     training = {"max_steps": STEPS, "batch_size": BATCH, "gradient_accumulation": ACCUM, "learning_rate": 2e-4,
                 "save_steps": None, "warmup_ratio": 0.0, "lr_scheduler": "linear", **sets}  # fmt: skip
-    lora = f"method:\n  name: lora\n  r: 16\n  alpha: 32\n  dropout: {dropout}\n"
+    lora = f"method:\n  name: {method}\n  r: 16\n  alpha: 32\n  dropout: {dropout}\n"
     text = (
         f"model:\n  base: {base}\n"
         f"data:\n  train: {data}\n  max_length: {max_length}\n  cache: false\n"
@@ -98,7 +99,7 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
 
 
 def ftune_run(path: Path, env: dict | None = None) -> dict:
-    out, rss = run([FTUNE, "train", str(path), "--overwrite", "--samples", "0", "--json"], env)
+    out, rss = run([*FTUNE, "train", str(path), "--overwrite", "--samples", "0", "--json"], env)
     info = json.loads(out)
     losses = [json.loads(line)["loss"] for line in Path(info["run_dir"], "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]  # fmt: skip
@@ -106,9 +107,9 @@ def ftune_run(path: Path, env: dict | None = None) -> dict:
             "gpu_mib": info.get("peak_gpu_memory_mib")}  # fmt: skip
 
 
-def baseline_run(model: str, tokenized: Path, fp32: bool, full: bool = False) -> dict:
+def baseline_run(model: str, tokenized: Path, fp32: bool, full: bool = False, qlora: bool = False) -> dict:
     cmd = [PY, str(ROOT / "benchmarks/trl_baseline.py"), "--model", model, "--data", str(tokenized)]
-    cmd += ["--fp32"] * fp32 + ["--full"] * full
+    cmd += ["--fp32"] * fp32 + ["--full"] * full + ["--qlora"] * qlora
     cmd += ["--batch-size", str(BATCH), "--grad-accum", str(ACCUM), "--steps", str(STEPS), "--lr", "2e-4"]
     out, rss = run(cmd)
     info = json.loads(out.strip().splitlines()[-1])

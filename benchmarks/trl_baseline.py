@@ -34,11 +34,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fp32", action="store_true", help="bf16=False: the one change a CPU user may know to make")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--qlora", action="store_true", help="QLoRA: the model loaded in 4-bit nf4 (bitsandbytes)")
     args = p.parse_args()
 
     rows = [json.loads(line) for line in open(args.data)]
     dataset = datasets.Dataset.from_list(rows)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    quantization = None
+    if args.qlora:  # the usual QLoRA script: nf4, double quantization, bf16 compute; TRL prepares the k-bit model
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(

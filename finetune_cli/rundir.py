@@ -393,7 +393,8 @@ def open_target(name: str, base: str | None = None) -> Target:
     from finetune_cli import models
 
     path = Path(name).expanduser()
-    if path.is_dir() and ((path / RUN_JSON).exists() or (path / RECIPE).exists() or read_marker(path)):
+    kind = (read_marker(path) or {}).get("kind")  # merge-adapter's and export's folders are marked too: models
+    if path.is_dir() and (kind == "run" or (kind is None and ((path / RUN_JSON).exists() or (path / RECIPE).exists()))):
         return _open_run(name, path, base)
     if path.is_dir() and (path / "adapter_config.json").exists():
         return _open_adapter(name, path, base)

@@ -129,6 +129,12 @@ def test_lora_adapter_folder_merges(tiny_adapters, tiny_model_dir):
     ref = plain_peft(tiny_model_dir, tiny_adapters / "lora")
     a, mask = batch_logits(merged.float(), tok)
     assert (a - batch_logits(ref, tok)[0])[mask].abs().max() < 0.05  # bf16 weights: about 3 significant digits
+    # the merged folder (marked as merge-adapter's output) opens as a model for eval, generate and serve, not as
+    # an unfinished run (the GPU check found `ftune eval merged/` refused with "resume it")
+    from finetune_cli import rundir
+
+    target = rundir.open_target(str(out))
+    assert (target.kind, target.weights, target.adapter) == ("model", str(out), None)
 
 
 def test_merge_makes_generation_stop_at_the_end_of_turn(tmp_path, tiny_model_dir):
