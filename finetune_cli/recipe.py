@@ -188,7 +188,7 @@ class TrainingSection(_Section):
     max_grad_norm: float = Field(default=1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    packing: bool = True
+    packing: Literal["auto"] | bool = "auto"
     micro_batch_tokens: Literal["auto"] | Annotated[int, Field(gt=0)] | None = "auto"
     group_by_length: bool = False
     compile: bool = False

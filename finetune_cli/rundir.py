@@ -328,6 +328,10 @@ def recipe_changes(folder: Path, recipe: dict) -> list[str] | None:
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
         return None
     now = _flatten(recipe)
+    if now.get("training.packing") == "auto" and isinstance(saved.get("training.packing"), bool):
+        from finetune_cli import trainer  # a run from before `auto`: the same if auto means the same here
+
+        now["training.packing"] = trainer.packing_default()
     added = _added_defaults(saved, now)
     return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE | added)
 
