@@ -1,4 +1,5 @@
 """Which ftune switch closes the GPU gap to TRL (1B Llama, LoRA): one run each, learned tokens/s and peak memory."""
+
 import sys
 import tempfile
 from pathlib import Path

@@ -300,6 +300,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     finally:
         if metrics_file:
             metrics_file.close()
+    seconds = time.perf_counter() - started  # the training loop alone, as a plain trainer.train() is timed
     artifact = None if stopper.stopped else trainer.save_artifact(fit, recipe, out)
     tuned_replies = _answers(fit.model, tokenizer, prompts, stop) if artifact else []
 
@@ -309,7 +310,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
         "method": recipe.method.name,
         "objective": t.objective,
         "steps": fit.state.global_step,
-        "train_seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": round(seconds, 2),
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
