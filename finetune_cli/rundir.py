@@ -26,11 +26,12 @@ ADAPTER = "adapter"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
+START = "start"  # a run started from a LoRA run (model.base: RUN): that run's adapter merged into its base
 MARKER = ".ftune"  # {"kind": "run" | "merge", "files": [...]}: this folder was written by ftune
 ADAPTER_RECORD = "ftune.json"  # in an adapter folder: base model, method and model options
 
 # What a run directory may hold; anything else is the user's and is never deleted.
-RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, PREDICTIONS, ADAPTER, MODEL, CHECKPOINTS, STAGING, MARKER}
+RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, PREDICTIONS, ADAPTER, MODEL, START, CHECKPOINTS, STAGING, MARKER}
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-\w+)?")  # files.py's and our renames' temporary names
 
 
@@ -427,6 +428,23 @@ def load(target: str):
     return model, tokenizer
 
 
+def start_point(base: str) -> Target | None:
+    """`model.base` naming a finished ftune run (the SFT -> DPO pipeline, or any run continued): that run opened,
+    its weights the new run's start. None when `base` is not a run. A LoRA/QLoRA run's adapter is merged into its
+    base (in full precision) when training starts; a full run's model/ is used as it is."""
+    path = Path(base).expanduser()
+    if not path.is_dir() or not is_run(path):
+        return None
+    found = open_target(str(path))
+    config = read_json(found.adapter / "adapter_config.json", "an adapter needs PEFT's config") if found.adapter else {}
+    if found.adapter is not None and config.get("peft_type") != "LORA":
+        raise FtuneError(
+            f"model.base: {base} is a {str(config.get('peft_type', '')).lower() or 'non-LoRA'} run: its virtual tokens "
+            "cannot be merged into weights, so it cannot be a starting point; start from a LoRA, QLoRA or full run"
+        )
+    return found
+
+
 def _open_run(name: str, path: Path, base: str | None) -> Target:
     from finetune_cli import recipe as recipes
 
@@ -451,7 +469,8 @@ def _open_run(name: str, path: Path, base: str | None) -> Target:
     options = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     if found.name == MODEL:
         return Target(name, "run", str(found), str(found), base=m.base, run_dir=path, recipe=recipe, **options)
-    target = _open_adapter(name, found, base or m.base)
+    # started from another run: the adapter's own record names the weights it trained on (this run's start/)
+    target = _open_adapter(name, found, base or (None if is_run(Path(m.base).expanduser()) else m.base))
     target.kind, target.run_dir, target.recipe = "run", path, recipe
     target.dtype, target.trust_remote_code = m.dtype, m.trust_remote_code
     return target

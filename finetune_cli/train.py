@@ -34,6 +34,7 @@ class Plan:
     eval: list = field(default_factory=list)
     files: list = field(default_factory=list)
     source: str = ""
+    start: object = None  # model.base naming a finished run: that run opened (rundir.Target)
     tokenizer: object = None
     train_examples: list = field(default_factory=list)
     eval_examples: list = field(default_factory=list)
@@ -55,16 +56,32 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
     preference.check_data(t.objective, plan.train, plan.eval, recipe.data.files()[0].path)
-    if rundir.is_run(Path(m.base).expanduser()):  # the SFT -> DPO pipeline, until a run can be named directly
-        raise FtuneError(
-            f"model.base: {m.base} is an ftune run; starting from a run directory is not supported yet: merge it "
-            f"first (ftune merge-adapter {m.base} --output DIR) and set model.base to DIR"
-        )
-    plan.source = models.resolve(m.base)
-    models.check_config(plan.source, m.trust_remote_code)
+    plan.start = rundir.start_point(m.base)  # SFT -> DPO: a finished run as the starting point
+    if plan.start is not None:
+        _check_start(recipe, plan.start)
+        # a LoRA run is merged into its base when training starts, and kept as this run's start/ folder
+        merged = plan.start.adapter is not None
+        plan.source = str(plan.out.absolute() / rundir.START) if merged else plan.start.weights
+        tokenizer_source = plan.start.tokenizer
+        models.check_config(plan.start.weights, m.trust_remote_code)
+    else:
+        plan.source = tokenizer_source = models.resolve(m.base)
+        models.check_config(plan.source, m.trust_remote_code)
     chat = any("messages" in r or "prompt" in r for r in plan.train + plan.eval)
-    plan.tokenizer = models.load_tokenizer(plan.source, m.chat_template, m.trust_remote_code, require_template=chat)
+    plan.tokenizer = models.load_tokenizer(
+        tokenizer_source, m.chat_template, m.trust_remote_code, require_template=chat
+    )
     return plan
+
+
+def _check_start(recipe, start) -> None:
+    """What a run named as model.base cannot be the start of."""
+    if start.adapter is not None and recipe.method.name == "qlora":
+        raise FtuneError(
+            f"model.base: {recipe.model.base} is an adapter run, which is merged into its base in memory, and QLoRA "
+            f"loads its base quantized from a folder: merge it first (ftune merge-adapter {recipe.model.base} "
+            "--output DIR) and set model.base to DIR"
+        )
 
 
 def run(
@@ -94,8 +111,11 @@ def run(
             }
         _tokenize(recipe, plan)
         info = _describe(recipe, plan, strategy, log)
+        merging = _start_to_merge(plan)
         model = _load_model(recipe, plan, strategy)
         _start_run_dir(recipe, plan, resume, overwrite, log)
+        if merging:
+            _save_start(model, plan)
         stop = _StopRequest()
         with _status(plan.out, info, main, stop) as result, stop.on_signals():
             result.update(_fit_and_save(recipe, plan, model, callbacks, samples, stop))
@@ -139,6 +159,9 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
     d, t = recipe.data, recipe.training
     train_stats, eval_stats = plan.stats["train"], plan.stats.get("eval", {})
     log(f"model {recipe.model.base}")
+    if plan.start is not None:
+        s = plan.start
+        log(f"starting from the run's {'adapter merged into ' + str(s.base) if s.adapter else 'model ' + s.weights}")
     identities = [sources.identity(spec) for spec in d.files()]  # a file's sha256, an hf: dataset's commit
     for f, found in zip(plan.files, identities):
         weight = f", weight {f['weight']:g} -> {f['used']}" if f["weight"] != 1 else ""
@@ -196,8 +219,29 @@ def _device() -> str:
 def _load_model(recipe, plan: Plan, strategy: str):
     m = recipe.model
     dtype = str(models.torch_dtype(m.dtype)).removeprefix("torch.")
+    if _start_to_merge(plan):  # the start run's adapter folded into its base, as merge-adapter does
+        from finetune_cli import export
+
+        return export.merged_model(plan.start, dtype)[0]
     quantization = methods.quantization_config(recipe.method, dtype, shardable=strategy in launch.SHARDED)
     return models.load_model(plan.source, m.dtype, m.trust_remote_code, quantization)
+
+
+def _start_to_merge(plan: Plan) -> bool:
+    """A LoRA start whose merged weights are not in this run's start/ yet (a resumed run has them)."""
+    merged = plan.start is not None and plan.start.adapter is not None
+    return merged and not (Path(plan.source) / "config.json").is_file()
+
+
+def _save_start(model, plan: Plan) -> None:
+    """start/: the merged start, the weights this run's adapter applies to (eval, merge, export and serve load it),
+    written before any adapter is added; atomically, by the main process."""
+    if launch.is_main():
+        with files.temporary_folder(Path(plan.source)) as tmp:
+            model.save_pretrained(tmp)
+            plan.tokenizer.save_pretrained(tmp)
+            tmp.rename(plan.source)
+    launch.barrier()
 
 
 def _start_run_dir(recipe, plan: Plan, resume: bool, overwrite: bool, log) -> None:
@@ -301,7 +345,8 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
         if metrics_file:
             metrics_file.close()
     seconds = time.perf_counter() - started  # the training loop alone, as a plain trainer.train() is timed
-    artifact = None if stopper.stopped else trainer.save_artifact(fit, recipe, out)
+    base = plan.source if plan.start is not None else None  # a start run: the adapter applies to its weights
+    artifact = None if stopper.stopped else trainer.save_artifact(fit, recipe, out, base)
     tuned_replies = _answers(fit.model, tokenizer, prompts, stop) if artifact else []
 
     trainable, total = methods.count_parameters(fit.model)

@@ -298,7 +298,7 @@ def cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def save_artifact(trainer, recipe, out: Path) -> Path:
+def save_artifact(trainer, recipe, out: Path, base: str | None = None) -> Path:
     """adapter/ (PEFT methods, with ftune.json naming base, method and model options) or model/ (full), written
     to a temporary folder and renamed into place.
 
@@ -319,7 +319,7 @@ def save_artifact(trainer, recipe, out: Path) -> Path:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not ours to ship
         if not full:
             m = recipe.model
-            record = {"base": m.base, "method": recipe.method.model_dump(), "model": m.model_dump()}
+            record = {"base": base or m.base, "method": recipe.method.model_dump(), "model": m.model_dump()}
             files.write_json(tmp / rundir.ADAPTER_RECORD, record)
         if final.exists():  # a save that was interrupted after its rename (never the user's: this is our run)
             shutil.rmtree(final)

@@ -50,7 +50,7 @@ def validate(recipe) -> ValidateReport:
 
     train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
     lines = _unique(train + evals)  # every line read once: weights repeat lines, eval_split moves them
-    source = models.resolve(recipe.model.base)
+    source, weights = _sources(recipe)
     tokenizer = _tokenizer(recipe, lines, source)
     counted = {}
     for chunk in map_records(tokenizer, lines, _count_chunk, d.max_length, d.train_on, d.system_prompt):
@@ -81,7 +81,7 @@ def validate(recipe) -> ValidateReport:
     if evals:
         stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
     warnings = _warnings(lines) + _length_warnings(
-        [r for r in _unique(train) if "messages" in r], counted, d.max_length, source
+        [r for r in _unique(train) if "messages" in r], counted, d.max_length, weights
     )
     try:
         methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
@@ -112,10 +112,22 @@ def _unique(records: list[dict]) -> list[dict]:
     return list({r["source"]: r for r in records}.values())
 
 
+def _sources(recipe) -> tuple[str, str]:
+    """(tokenizer folder, weights folder or hub id) of model.base; a finished run named there is read as training
+    reads it: its tokenizer (with the template it trained with) and the weights it starts from."""
+    from finetune_cli import rundir
+
+    start = rundir.start_point(recipe.model.base)
+    if start is not None:
+        return start.tokenizer, start.weights
+    source = models.resolve(recipe.model.base)
+    return source, source
+
+
 def _tokenizer(recipe, records: list[dict], source: str | None = None):
     """The recipe's tokenizer and template, without weights; a template is needed only for chat data."""
     return models.load_tokenizer(
-        source or models.resolve(recipe.model.base),
+        source or _sources(recipe)[0],
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
         require_template=any("messages" in r or "prompt" in r for r in records),

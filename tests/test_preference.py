@@ -181,10 +181,52 @@ def test_objective_and_data_must_match(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "training.loss_type" in result.output
 
 
-def test_a_run_directory_as_model_base_says_merge_it_first(dpo_run, tmp_path):
-    recipe, run = dpo_run
-    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={run}", f"--set=output.dir={tmp_path}/x"])
+def test_a_finished_run_as_model_base_is_the_start_and_the_reference(dpo_run, tmp_path):
+    """SFT -> DPO: model.base names a finished LoRA run (here the DPO run itself, continued). Its adapter is merged
+    into its base as start/, which is both where training starts and the reference: the first loss is ln 2, and the
+    new run's eval before training equals the finished run's eval after it (the same model scored on the same
+    pairs). Eval, generate and merge of the new run load start/ under the new adapter; QLoRA from an adapter run and
+    an unfinished run are refused."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_cli import rundir
+
+    recipe, first = dpo_run
+    out = tmp_path / "again"
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first}", f"--set=output.dir={out}",
+                                 "--set=training.max_steps=2", "--samples", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    earlier = json.loads((first / "run.json").read_text())
+    assert info["eval_before"]["margin"] == pytest.approx(earlier["eval_after"]["margin"], abs=1e-4)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "loss" in r][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+    base_dir = json.loads((first / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(first / "adapter"))
+    start = AutoModelForCausalLM.from_pretrained(out / "start")
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.no_grad():
+        assert torch.allclose(start(ids).logits, plain.merge_and_unload()(ids).logits, atol=1e-4)
+    target = rundir.open_target(str(out))
+    assert target.weights == str(out / "start") and target.adapter == out / "adapter"
+    result = runner.invoke(app, ["eval", str(out), "--compare-base", "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)["results"]
+    assert scored["base"]["margin"] == pytest.approx(earlier["eval_after"]["margin"], abs=1e-4)  # the reference
+    assert scored["tuned"]["margin"] == pytest.approx(info["eval_after"]["margin"], abs=1e-4)
+
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first}", f"--set=output.dir={tmp_path}/q",
+                                 "--set=method.name=qlora"])  # fmt: skip
     assert result.exit_code == 2 and "ftune merge-adapter" in result.output
+    (first.parent / "unfinished").mkdir()
+    (first.parent / "unfinished" / "recipe.yaml").write_text((first / "recipe.yaml").read_text())
+    (first.parent / "unfinished" / "run.json").write_text(json.dumps({**earlier, "status": "interrupted"}))
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first.parent / 'unfinished'}",
+                                 f"--set=output.dir={tmp_path}/u"])  # fmt: skip
+    assert result.exit_code == 2 and "resume it" in result.output
 
 
 def test_validate_reports_pairs_by_kind_with_token_counts_and_preview_shows_both(tmp_path, tiny_model_dir, tokenizer):
