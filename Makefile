@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Installed only when the venv has no torch: a GPU box keeps its own build (the venv sees system packages).
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# Two pytest workers (tests that share a trained run stay on one: tests/conftest.py); PYTEST_ARGS= for one process.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install demo test test-fast lint bench clean
 

@@ -8,6 +8,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one thread each, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# Tests that share a trained run go to one worker (pytest-xdist's loadgroup), so each run is trained once.
+SHARED_RUNS = {"quickstart_run": "quickstart", "quickstart_merged": "quickstart", "qlora_run": "qlora"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = {SHARED_RUNS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RUNS}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group("+".join(sorted(groups))))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
