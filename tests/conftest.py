@@ -15,6 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one t
 SHARED_RUNS = {"quickstart_run": "quickstart", "quickstart_merged": "quickstart", "qlora_run": "qlora"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         groups = {SHARED_RUNS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RUNS}
