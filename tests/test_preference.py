@@ -312,6 +312,27 @@ def test_orpo_run_completes_and_saves_an_adapter_peft_loads(tmp_path, tiny_model
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
 
 
+def test_dpo_with_prompt_tuning_trains_only_the_virtual_tokens(tmp_path, tiny_model_dir):
+    """TRL's DPO takes a prompt-tuning model: the reference is the base without the virtual tokens (PEFT's
+    disable_adapter), so the first loss is near, not at, ln 2; only the virtual tokens train."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, steps=2)
+    method = "method:\n  name: prompt_tuning\n  num_virtual_tokens: 4\n"
+    recipe.write_text(recipe.read_text().replace("method:\n  r: 8\n  alpha: 16\n", method))
+    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", "--set", "training.save_steps="])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    hidden = json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+    assert info["steps"] == 2 and info["trainable_parameters"] == 4 * hidden
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[1]["loss"] - math.log(2)) < 0.1 and math.isfinite(rows[-1].get("loss", 0.0))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+
+
 def test_kto_run_on_labelled_replies_and_pairs_saves_an_adapter_peft_loads(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
