@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Issue 22's one GPU run: install the carried wheels offline (the box lacks trl, datasets, bitsandbytes...), then
 # benchmarks/gpu_check.py. From the repo root on the GPU box: bash benchmarks/gpu_check.sh OUT [gpu_check.py options]
-# Prepared on a CPU machine first (BENCHMARKS.md, "GPU"): cp312 wheels in .whl/, the builtin tokenizer in .gpu/tokenizer.
+# Prepared on a CPU machine first: what the box lacks as cp312 wheels in .whl/ (kept out of git):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     trl datasets dill multiprocess bitsandbytes pydantic pydantic_core annotated-types typing-inspection gguf \
+#     liger-kernel nltk fastapi starlette uvicorn annotated-doc opentelemetry-api   (pinned to .venv's versions)
+#   pip wheel --no-deps -w .whl rouge-score        (sdist only on PyPI)
+# and the builtin tokenizer's files (tokenizer.json, tokenizer_config.json, chat_template.jinja) in .gpu/tokenizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT [options]}
