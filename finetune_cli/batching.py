@@ -1,6 +1,5 @@
 """Batched decoding: many prompts through one model together, step by step with the KV cache, each sequence ending
-at its own end-of-turn token, stop or length. `ftune serve` runs its requests through it; `generate_batch` is the
-plain function for callers that have a list of prompts.
+at its own end-of-turn token, stop or length. `ftune serve` runs its requests through it (`Batch`).
 
 Why not transformers' own continuous batching (`generate_batch` / `init_continuous_batching`, transformers 5)? On
 CPU (transformers 5.24, SmolLM2-135M, LoRA adapter through PEFT) it gives the same greedy tokens, but sized from
@@ -194,37 +193,6 @@ def _sample(logits: torch.Tensor, seq: Sequence) -> int:
     return int(torch.multinomial(probs, 1, generator=seq.generator))
 
 
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    stop_ids: list[int] | None = None,
-) -> list[list[int]]:
-    """Greedy replies (token ids, ending with the end-of-turn token where one came) to tokenized prompts, decoded
-    `batch_size` at a time; the same tokens as one `model.generate` per prompt."""
-    from finetune_cli.data.masking import end_of_turn_ids
-
-    stops = frozenset(stop_ids if stop_ids is not None else end_of_turn_ids(tokenizer))
-    penalty = repetition_penalty(model)
-    seqs = [Sequence(list(p), max_new_tokens, stops, repetition_penalty=penalty) for p in prompts]
-    was_training = model.training
-    model.eval()
-    batch = Batch(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    pending = list(seqs)
-    while pending or len(batch):
-        room = batch_size - len(batch)
-        if pending and room > 0 and batch.can_join():
-            batch.add(pending[:room])
-            pending = pending[room:]
-        else:
-            batch.step()
-    if was_training:
-        model.train()
-    return [s.tokens for s in seqs]
-
-
 def repetition_penalty(model) -> float:
     config = getattr(model, "generation_config", None)
     return float(getattr(config, "repetition_penalty", None) or 1.0)
@@ -237,7 +205,7 @@ UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_t
 
 
 def unsupported(model) -> list[str]:
-    """The generation-config settings of `model` that `generate_batch` would ignore (so its replies could differ)."""
+    """The generation-config settings of `model` that this decoder ignores (so its replies could differ)."""
     from transformers import GenerationConfig
 
     config, default = getattr(model, "generation_config", None), GenerationConfig()

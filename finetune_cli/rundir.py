@@ -436,12 +436,13 @@ def start_point(base: str) -> Target | None:
     if not path.is_dir() or not is_run(path):
         return None
     found = open_target(str(path))
-    config = read_json(found.adapter / "adapter_config.json", "an adapter needs PEFT's config") if found.adapter else {}
-    if found.adapter is not None and config.get("peft_type") != "LORA":
-        raise FtuneError(
-            f"model.base: {base} is a {str(config.get('peft_type', '')).lower() or 'non-LoRA'} run: its virtual tokens "
-            "cannot be merged into weights, so it cannot be a starting point; start from a LoRA, QLoRA or full run"
-        )
+    if found.adapter is not None:
+        from finetune_cli import export
+
+        try:
+            export.check_lora(found.adapter)  # prompt tuning's virtual tokens cannot be merged into weights
+        except FtuneError as exc:
+            raise FtuneError(f"model.base: {base} cannot be a starting point: {exc}") from None
     return found
 
 

@@ -111,10 +111,10 @@ def run(
             }
         _tokenize(recipe, plan)
         info = _describe(recipe, plan, strategy, log)
-        merging = _start_to_merge(plan)
-        model = _load_model(recipe, plan, strategy)
+        merge = _start_to_merge(plan)
+        model = _load_model(recipe, plan, strategy, merge)
         _start_run_dir(recipe, plan, resume, overwrite, log)
-        if merging:
+        if merge:
             _save_start(model, plan)
         stop = _StopRequest()
         with _status(plan.out, info, main, stop) as result, stop.on_signals():
@@ -216,10 +216,10 @@ def _device() -> str:
     return f"cpu ({torch.backends.cpu.get_cpu_capability().lower()})"
 
 
-def _load_model(recipe, plan: Plan, strategy: str):
+def _load_model(recipe, plan: Plan, strategy: str, merge_start: bool = False):
     m = recipe.model
     dtype = str(models.torch_dtype(m.dtype)).removeprefix("torch.")
-    if _start_to_merge(plan):  # the start run's adapter folded into its base, as merge-adapter does
+    if merge_start:  # the start run's adapter folded into its base, as merge-adapter does
         from finetune_cli import export
 
         return export.merged_model(plan.start, dtype)[0]
@@ -228,9 +228,11 @@ def _load_model(recipe, plan: Plan, strategy: str):
 
 
 def _start_to_merge(plan: Plan) -> bool:
-    """A LoRA start whose merged weights are not in this run's start/ yet (a resumed run has them)."""
-    merged = plan.start is not None and plan.start.adapter is not None
-    return merged and not (Path(plan.source) / "config.json").is_file()
+    """A LoRA start to merge now: every new run (an old start/ in the folder belongs to the run --overwrite
+    replaces); a resumed run loads the start/ it saved."""
+    if plan.start is None or plan.start.adapter is None:
+        return False
+    return plan.previous is None or not (Path(plan.source) / "config.json").is_file()
 
 
 def _save_start(model, plan: Plan) -> None:

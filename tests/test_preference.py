@@ -218,6 +218,13 @@ def test_a_finished_run_as_model_base_is_the_start_and_the_reference(dpo_run, tm
     assert scored["base"]["margin"] == pytest.approx(earlier["eval_after"]["margin"], abs=1e-4)  # the reference
     assert scored["tuned"]["margin"] == pytest.approx(info["eval_after"]["margin"], abs=1e-4)
 
+    # --overwrite of that run: start/ is merged again and written after the old folder is emptied (it is never
+    # loaded from the run being replaced, whose start/ the overwrite deletes)
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first}", f"--set=output.dir={out}",
+                                 "--set=training.max_steps=1", "--samples", "0", "--overwrite"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "start" / "config.json").is_file() and rundir.open_target(str(out)).weights == str(out / "start")
+
     result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first}", f"--set=output.dir={tmp_path}/q",
                                  "--set=method.name=qlora"])  # fmt: skip
     assert result.exit_code == 2 and "ftune merge-adapter" in result.output
@@ -331,6 +338,9 @@ def test_dpo_with_prompt_tuning_trains_only_the_virtual_tokens(tmp_path, tiny_mo
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert abs(rows[1]["loss"] - math.log(2)) < 0.1 and math.isfinite(rows[-1].get("loss", 0.0))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    # its virtual tokens cannot be merged into weights: no later run can start from it
+    result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={run}", f"--set=output.dir={tmp_path}/x"])
+    assert result.exit_code == 2 and "cannot be a starting point" in result.output
 
 
 def test_kto_run_on_labelled_replies_and_pairs_saves_an_adapter_peft_loads(tmp_path, tiny_model_dir):

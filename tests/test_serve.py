@@ -407,8 +407,26 @@ def test_bad_target_fails_before_listening(tmp_path):
     assert result.exit_code == 2 and "two targets are named 'a'" in result.output
 
 
+def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """The prompts through serve's decoder, `batch_size` at a time, each joining as soon as there is room."""
+    from finetune_cli import batching
+    from finetune_cli.data.masking import end_of_turn_ids
+
+    stops, penalty = frozenset(end_of_turn_ids(tokenizer)), batching.repetition_penalty(model)
+    seqs = [batching.Sequence(list(p), max_new_tokens, stops, repetition_penalty=penalty) for p in prompts]
+    batch, pending = batching.Batch(model, tokenizer.pad_token_id), list(seqs)
+    while pending or len(batch):
+        room = batch_size - len(batch)
+        if pending and room > 0 and batch.can_join():
+            batch.add(pending[:room])
+            pending = pending[room:]
+        else:
+            batch.step()
+    return [s.tokens for s in seqs]
+
+
 def test_batched_greedy_equals_one_by_one(tiny_model_dir):
-    """batching.generate_batch (left-padded, sequences joining as others end) gives each prompt `model.generate`'s
+    """Serve's decoder (left-padded, sequences joining as others end) gives each prompt `model.generate`'s
     tokens, also with a repetition penalty from the generation config; tiny random model, so replies run long."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -428,8 +446,8 @@ def test_batched_greedy_equals_one_by_one(tiny_model_dir):
                 eos_token_id=end_of_turn_ids(tok),
             )  # fmt: skip
             one_by_one.append(out[0, len(p) :].tolist())
-        assert batching.generate_batch(model, tok, prompts, 12, batch_size=3) == one_by_one
-        assert batching.generate_batch(model, tok, prompts, 12, batch_size=8) == one_by_one
+        assert greedy_batch(model, tok, prompts, 12, batch_size=3) == one_by_one
+        assert greedy_batch(model, tok, prompts, 12, batch_size=8) == one_by_one
     assert batching.unsupported(model) == []
     model.generation_config.no_repeat_ngram_size = 3
     assert batching.unsupported(model) == ["no_repeat_ngram_size"]
