@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.request
@@ -278,8 +279,8 @@ def main() -> None:
     global OUT, ENV
     out = OUT = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = Path(os.environ.get("GPU_CHECK_DIR", "/tmp/ftune-gpu-check"))
-    folder.mkdir(parents=True, exist_ok=True)
+    # a new folder each time: the runs and merges below never replace anything (no --overwrite)
+    folder = Path(tempfile.mkdtemp(prefix="ftune-gpu-check-", dir=os.environ.get("GPU_CHECK_DIR")))
     os.environ.setdefault("FTUNE_HOME", str(folder / "home"))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ["PYTHONUNBUFFERED"] = "1"

@@ -99,7 +99,7 @@ def main() -> None:
     for method in methods:
         try:
             if method == "switches":
-                switches(args, folder, data, model, length, counts, shape, peak, lora)
+                switches(folder, data, model, length, counts, shape, peak, lora)
                 continue
             sets = {"method": method, "max_length": length}
             recipe = tt.recipe(folder, data, f"gpu-{method}", sets, base=str(model))
@@ -130,7 +130,7 @@ def main() -> None:
     print(f"\nGoal: learned tokens/s at least 1.5x the baseline's. {goals}.\n")
 
 
-def switches(args, folder, data, model, length, counts, shape, peak, lora_rate) -> None:
+def switches(folder, data, model, length, counts, shape, peak, lora_rate) -> None:
     """ftune's LoRA run with `training.liger: true` (when liger-kernel is installed), then `training.compile: true`,
     one run each, as rows of the table (the ratio is to ftune's LoRA defaults)."""
     import importlib.util
