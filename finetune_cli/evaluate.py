@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -121,16 +123,17 @@ def run_generate(
     found = rundir.open_target(target)
     if compare_base and found.kind == "model":
         raise FtuneError(f"--compare-base needs a run directory or an adapter; {target} is a model")
-    out_path = (
-        Path(predictions).expanduser()
-        if predictions
-        else (found.run_dir / rundir.PREDICTIONS if found.run_dir else None)
-    )
-    if predictions and not out_path.parent.is_dir():
-        raise FtuneError(f"--predictions: the folder {out_path.parent} does not exist")
-    if predictions and out_path.exists():
-        raise FtuneError(f"--predictions: {out_path} already exists; ftune never overwrites a file it did not write")
+    if predictions:
+        out_path = Path(predictions).expanduser()
+        if not out_path.parent.is_dir():
+            raise FtuneError(f"--predictions: the folder {out_path.parent} does not exist")
+        if out_path.exists() or out_path.is_symlink():
+            raise FtuneError(
+                f"--predictions: {out_path} already exists; ftune never overwrites a file it did not write"
+            )
     names, records = _records(found, target, data)
+    if not predictions:  # the run's own file for this data set, replaced only by the same evaluation
+        out_path = found.run_dir / _predictions_name(found.recipe, names) if found.run_dir else None
     prompts, references = predict.split(records, ", ".join(names))
     metrics = predict.metrics_for(references, metrics)
     tokenizer = models.load_tokenizer(found.tokenizer, trust_remote_code=found.trust_remote_code)
@@ -188,8 +191,31 @@ def run_generate(
     if "base" in results and "tuned" in results:
         out.change = {m: round(results["tuned"][m] - results["base"][m], 6) for m in metrics}
     if found.run_dir:
-        rundir.save_evaluation(found.run_dir, out.dump())
+        saved = out.dump()
+        if out_path is not None:  # eval.json names it from the run folder, so it resolves from anywhere
+            saved["predictions"] = _from_run(found.run_dir, out_path)
+        rundir.save_evaluation(found.run_dir, saved)
     return out
+
+
+def _predictions_name(recipe, names: list[str]) -> str:
+    """The name of a run's answers on data `names`: predictions.jsonl for its own eval data, else
+    predictions-<first file's name without its extension>-<the first 8 hex digits of the sha256 of the data's
+    resolved paths, one a line>.jsonl: one file per data set, as eval.json keeps one result per data set."""
+    if recipe is not None and names == _run_eval_names(recipe):
+        return rundir.PREDICTIONS
+    stem = re.sub(r"[^\w.-]+", "_", Path(names[0]).stem)[:40].strip("._") or "data"
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"predictions-{stem}-{digest}.jsonl"  # rundir.OTHER_PREDICTIONS: a name a run folder may hold
+
+
+def _from_run(run_dir: Path, path: Path) -> str:
+    """`path` relative to the run folder when inside it, else absolute."""
+    path = path.resolve()
+    try:
+        return path.relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _records(found: rundir.Target, target: str, data: list[str]) -> tuple[list[str], list[dict]]:
@@ -210,15 +236,24 @@ def _sha256(path: str | Path) -> str:
     return found.get("sha256") or found.get("commit") or found["fingerprint"]
 
 
+def _run_eval_names(recipe) -> list[str] | None:
+    """How eval.json names the run's own eval data: its eval file, or its held-out split; None without either."""
+    d = recipe.data
+    if d.eval:
+        return [d.eval_source().path]
+    if d.eval_split:
+        return [f"training data (eval_split {d.eval_split})"]
+    return None
+
+
 def _run_eval_data(recipe, target: str) -> tuple[list[str], list[dict]]:
     """The run's own eval data: its eval file, or the same held-out split training used."""
     if recipe is None:
         raise FtuneError(f"{target} is a model, not a run: pass the data to score with --data FILE.jsonl")
-    d = recipe.data
+    d, names = recipe.data, _run_eval_names(recipe)
     if d.eval:
         source = d.eval_source()
-        return [source.path], jsonl.read(source, source.format, source.columns, d.system_prompt)
+        return names, jsonl.read(source, source.format, source.columns, d.system_prompt)
     if d.eval_split:
-        held = jsonl.load(d, recipe.training.seed)[1]
-        return [f"training data (eval_split {d.eval_split})"], held
+        return names, jsonl.load(d, recipe.training.seed)[1]
     raise FtuneError(f"{target}: the run's recipe has no eval data; pass --data FILE.jsonl")

@@ -435,13 +435,13 @@ def _apply_override(raw: dict, item: str) -> str:
 
     The value is read as a YAML scalar (`1e-4`, `true`, `[q_proj, v_proj]`), except for a key the schema types
     as a string: there YAML would drop `#...` as a comment or read `a: b` as a mapping, so the value is taken
-    as typed. An empty value is null (the default) either way."""
+    as typed. YAML's null (empty, `null`, `~`) is null either way: `--set data.eval=null` unsets the eval file."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise FtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
     parts = key.split(".")
-    if not value.strip():
+    if value.strip() in YAML_NULL:
         parsed = None
     elif _string_key(parts):
         parsed = value
@@ -460,6 +460,9 @@ def _apply_override(raw: dict, item: str) -> str:
         node = child
     node[parts[-1]] = parsed
     return key
+
+
+YAML_NULL = ("", "~", "null", "Null", "NULL")  # what YAML reads as null
 
 
 def _string_key(parts: list[str]) -> bool:

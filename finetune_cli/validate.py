@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from finetune_cli import methods, models, preference
-from finetune_cli.data import jsonl
+from finetune_cli.data import jsonl, sources
 from finetune_cli.data.formats import LineError
 from finetune_cli.data.masking import IGNORE, map_records, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
@@ -38,8 +38,10 @@ def validate(recipe) -> ValidateReport:
         path = spec.path
         try:
             records, bad, found = jsonl.parse(spec, fmt, columns, system_prompt)
-        except FtuneError as exc:
-            errors.append(LineError("missing file", str(path), str(exc).removeprefix(f"{path}: ")))
+        except FtuneError as exc:  # the source cannot be opened or read at all
+            local = not str(path).startswith(sources.HUB_PREFIX)
+            kind = "missing file" if local and not Path(path).exists() else "unreadable data"
+            errors.append(LineError(kind, str(path), str(exc).removeprefix(f"{path}: ")))
             files.append({"path": str(path), "format": None, "examples": 0, "errors": 1})
             return []
         errors.extend(bad)

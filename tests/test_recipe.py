@@ -278,6 +278,19 @@ def test_set_on_a_string_key_takes_the_value_as_typed(tmp_path):
     assert r.training.learning_rate == 1e-4 and r.training.packing is False and r.method.target_modules == ["q", "v"]
 
 
+def test_yaml_null_unsets_a_path_key(tmp_path):
+    """`--set data.eval=null` means what `eval: null` means in the recipe: no eval file (not a file named null)."""
+    path = write(tmp_path, GOOD.replace("training:", "  eval: data/eval.jsonl\ntraining:"))
+    assert recipe.load(path).data.eval == str(tmp_path / "data" / "eval.jsonl")
+    for value in ("null", "~", "NULL", "", " "):
+        r = recipe.load(path, [f"data.eval={value}", f"model.chat_template={value}", f"output.dir={value}"])
+        assert r.data.eval is None and r.model.chat_template is None, value
+        assert r.output.dir == "runs/r", value  # output.dir unset: its default
+    assert recipe.load(path, ["data.system_prompt=null"]).data.system_prompt is None
+    assert recipe.load(path, ["data.system_prompt=nullable"]).data.system_prompt == "nullable"
+    assert recipe.load(path, ["data.eval=null.jsonl"]).data.eval == str(tmp_path / "null.jsonl")
+
+
 def test_tilde_is_expanded_in_every_path(tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / "model").mkdir(parents=True)

@@ -4,6 +4,7 @@ named by row; an uncached hf: dataset offline is one line and exit 2."""
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -337,3 +338,35 @@ def test_sources_that_are_not_one_table_are_refused(tmp_path):
         jsonl.read(tmp_path / "object.json")
     with pytest.raises(FtuneError, match="split 'test' applies to hf: datasets and save_to_disk folders"):
         jsonl.read(recipes.DataSource(path=str(write_jsonl(tmp_path / "one.jsonl", chats(1))), split="test"))
+
+
+def test_each_file_of_a_folder_is_read_in_its_own_format(tmp_path):
+    """A folder of a chat JSONL and a prompt/completion CSV: each file's format is detected from its own rows, and
+    a bad row cites the format of its own file (not the one detected from the folder's first file)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", chats(2))
+    write_csv(folder / "b.csv", ["prompt", "completion"], [["Hi", "Hello!"], ["Sum 2 2", "4"]])
+    records, errors, found = jsonl.parse(folder)
+    assert errors == [] and found == "messages, prompt_completion"
+    assert [r["format"] for r in records] == ["messages"] * 2 + ["prompt_completion"] * 2
+    assert records[2]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    write_jsonl(folder / "c.jsonl", [alpacas(1)[0], {"prompt": "p", "completion": "c"}])
+    with pytest.raises(FtuneError) as caught:
+        jsonl.read(folder)
+    own = "this line is in prompt_completion format but the file is alpaca (detected from line 1)"
+    assert str(caught.value) == f"{folder / 'c.jsonl'}:2: {own}"
+
+
+def test_a_corrupt_or_truncated_parquet_file_is_named_not_raised(tmp_path):
+    """A truncated file (no footer) and one whose footer is whole but a data page is garbage: each is a bad row
+    saying the file is not readable Parquet, naming it; never an OSError from pyarrow."""
+    good = write_parquet(tmp_path / "good.parquet", chats(6)).read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(good[: len(good) // 2])
+    (tmp_path / "corrupt.parquet").write_bytes(good[:4] + b"\x55" * 60 + good[64:])
+    for name in ("truncated.parquet", "corrupt.parquet"):
+        path = tmp_path / name
+        records, errors, _ = jsonl.parse(path)
+        assert records == [] and [(e.kind, e.where) for e in errors] == [("not Parquet", str(path))], name
+        with pytest.raises(FtuneError, match=rf"^{re.escape(str(path))}: not a readable Parquet file, corrupt or"):
+            jsonl.read(path)

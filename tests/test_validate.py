@@ -249,3 +249,22 @@ def test_unreadable_lines_are_listed_not_raised(tmp_path, tiny_model_dir):
     assert result.exit_code == 1 and report["files"][0]["examples"] == 1, result.output
     found = {int(e["where"].rsplit(":", 1)[1]): kind for kind, items in report["errors"].items() for e in items}
     assert found == {2: "not JSON", 3: "not JSON", 4: "not UTF-8", 5: "unknown role", 6: "not UTF-8"}
+
+
+def test_a_truncated_parquet_file_is_not_a_missing_file(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([conversation(i) for i in range(20)]), tmp_path / "train.parquet")
+    data = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(data[: len(data) // 2])
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir, train="train.parquet"))
+    assert result.exit_code == 1 and list(report["errors"]) == ["not Parquet"], result.output
+    [error] = report["errors"]["not Parquet"]
+    assert error["where"] == str(tmp_path / "train.parquet")
+    assert error["message"].startswith("not a readable Parquet file, corrupt or truncated (")
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir, train="gone.parquet"))
+    assert result.exit_code == 1 and report["errors"]["missing file"][0]["where"] == str(tmp_path / "gone.parquet")
+    (tmp_path / "object.json").write_text(json.dumps({"rows": [conversation(1)]}, indent=1), encoding="utf-8")
+    result, report = validate(recipe_file(tmp_path, tiny_model_dir, train="object.json"))
+    assert list(report["errors"]) == ["unreadable data"], result.output  # there, but not data ftune can read

@@ -25,11 +25,15 @@ def parse(
 
     `path` is a file, a folder, `hf:ORG/NAME`, or a recipe's data spec (path with split, subset, revision): see
     `sources`. With `fmt="auto"` the format is the one of the first row that fits a format, and a later row in
-    another format is an error. `system_prompt` is added to conversations that have no system message."""
+    another format is an error; in a folder, each file's format is detected on its own. `system_prompt` is added to
+    conversations that have no system message. The format returned lists each one detected, in order."""
     source = sources.open_source(path)
     columns = columns or {}
-    records, errors, detected_at = [], [], None
-    for where, at, raw, escapes in source.rows:
+    auto, file = fmt == "auto", None
+    records, errors, detected_at, found = [], [], None, {}
+    for where, at, raw, escapes, part in source.rows:
+        if auto and part != file:  # the next file of a folder: detect its format afresh
+            fmt, file, detected_at = "auto", part, None
         if isinstance(raw, LineError):
             errors.append(raw)
             continue
@@ -43,6 +47,7 @@ def parse(
         raw = rename(raw, columns)
         if fmt == "auto" and detect(raw):
             fmt, detected_at = detect(raw), at
+            found[fmt] = None
         elif fmt == "auto":
             errors.append(LineError("missing field", where, NO_FORMAT))
             continue
@@ -59,7 +64,7 @@ def parse(
         if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
             record["messages"].insert(0, {"role": "system", "content": system_prompt})
         records.append({"source": where, "format": fmt, **record})
-    return records, errors, None if fmt == "auto" else fmt
+    return records, errors, (", ".join(found) or None) if auto else fmt
 
 
 def _encodable(record: dict) -> bool:

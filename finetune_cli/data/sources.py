@@ -43,6 +43,7 @@ class Row(NamedTuple):
     at: str  # "line 12", "row 1,204": the same, without the file
     raw: object  # the record as read (a dict for a good row)
     escapes: bool  # may hold a "\ud800"-style escape that json decoded into half a character
+    file: str | None = None  # in a folder, the file it is from (each file's format is detected on its own)
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _folder(path: Path) -> Source:
 
     def rows():
         for p, kind in zip(found, kinds):
-            yield from _file_rows(p, kind)
+            for row in _file_rows(p, kind):
+                yield row._replace(file=str(p))
 
     return Source(str(path), "folder", rows(), tabular=any(k in ("parquet", "csv", "tsv") for k in kinds))
 
@@ -260,14 +262,20 @@ def _json(path: Path) -> Iterator[Row]:
 
 
 def _parquet(path: Path) -> Iterator[Row]:
+    """The rows of a Parquet file; a corrupt or truncated one is a bad row where reading stopped (the rest unread)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n = 0
     try:
-        table = pq.ParquetFile(path)
+        for row in _arrow_rows(str(path), pq.ParquetFile(path).iter_batches(batch_size=BATCH)):
+            n += 1
+            yield row
     except (pa.ArrowException, OSError) as exc:
-        raise FtuneError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
-    yield from _arrow_rows(str(path), table.iter_batches(batch_size=BATCH))
+        where = f"{path}: row {n + 1:,}" if n else str(path)
+        rest = "; the rest is unread" if n else ""
+        detail = f"not a readable Parquet file, corrupt or truncated ({_first_line(exc)}){rest}"
+        yield Row(where, f"row {n + 1:,}" if n else "", LineError("not Parquet", where, detail), False)
 
 
 def _arrow_rows(name: str, batches) -> Iterator[Row]:
