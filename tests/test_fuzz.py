@@ -215,7 +215,8 @@ def test_fuzz_train(tmp_path, tiny_model_dir, monkeypatch):
 
 def one_error_line(result, where):
     lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output, where
+    assert result.exception is None or isinstance(result.exception, SystemExit), (where, result.exception)
     assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error:") for x in lines) == 1, where
     return lines[-1]
 

@@ -23,6 +23,14 @@ def train(tmp_path, recipe, *overrides):
     return run, summary
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """For what only a machine without CUDA does (the refusals below, bitsandbytes' CPU layout of 4-bit weights):
+    on a GPU box these run as on a CPU one, with CUDA hidden from torch, which is what ftune, transformers (where
+    to load 4-bit weights) and the trainer (which device) ask."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def logits(model, tok):
     with torch.no_grad():
         return model(**tok(PROMPT, return_tensors="pt")).logits
@@ -126,7 +134,7 @@ def test_full_fine_tuning_saves_a_plain_model(tmp_path, builtin_dir, base_logits
         ("method.num_virtual_tokens=4", "'method.num_virtual_tokens' belongs to method prompt_tuning, not lora"),
     ],
 )
-def test_refused_before_any_model_loads(tmp_path, monkeypatch, override, message):
+def test_refused_before_any_model_loads(tmp_path, monkeypatch, cpu_only, override, message):
     from finetune_cli import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -157,7 +165,7 @@ def packed(layer) -> bool:
     return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
-def test_4bit_training_layout_restored_after_cpu_repacking(tiny_model_dir):
+def test_4bit_training_layout_restored_after_cpu_repacking(tiny_model_dir, cpu_only):
     """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel in any
     no-grad forward in eval mode (our baseline eval, evals during training, sample answers). Here that repacking is
     forced on any CPU with bitsandbytes' own function (the one its forward calls); `methods.prepare`, which runs
@@ -192,7 +200,7 @@ def test_4bit_training_layout_restored_after_cpu_repacking(tiny_model_dir):
         torch.testing.assert_close(model(ids).logits, reference, rtol=2e-2, atol=5e-3)
 
 
-def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, monkeypatch):
+def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, monkeypatch, cpu_only):
     """A QLoRA run on a simulated AVX512-BF16 CPU: every no-grad forward of a 4-bit layer in eval mode leaves the
     layer repacked, as bitsandbytes does there (its own repacking function; the output is computed the portable
     way, so this runs on any CPU). The baseline eval before the adapter is added and the evals after steps 1 and
@@ -239,7 +247,7 @@ def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, 
     not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
     reason="this CPU has no AVX512-BF16: bitsandbytes does not repack here (the tests above force it)",
 )
-def test_bitsandbytes_repacks_on_this_cpu_and_restoring_keeps_the_function(tiny_model_dir):
+def test_bitsandbytes_repacks_on_this_cpu_and_restoring_keeps_the_function(tiny_model_dir, cpu_only):
     """Where the instruction exists: a real eval forward repacks (what the tests above simulate), and after
     `restore_training_layout` the training forward computes what the packed kernel computed."""
     from finetune_cli import methods, models

@@ -303,19 +303,53 @@ def test_fuzz_preference_lines(tmp_path, tiny_model_dir):
         assert not (folder / "out").exists(), where
 
 
-def test_orpo_run_completes_and_saves_an_adapter_peft_loads(tmp_path, tiny_model_dir):
+def test_orpo_first_loss_is_the_chosen_nll_plus_beta_times_the_odds_ratio_loss(tmp_path, tiny_model_dir, tokenizer):
+    """ORPO, not DPO: the first step (one batch of all 12 pairs, LoRA's B zero: the base model) logs TRL's ORPO
+    terms, each equal to a plain-transformers computation on the base: `nll_loss` is the mean token NLL of the chosen
+    conversations (TRL scores the prompt's tokens too), `log_odds_chosen` the mean log odds ratio of the per-token
+    mean log-probabilities of the replies, and the loss is nll - beta * mean(log sigmoid(log odds))."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     recipe = dpo_recipe(tmp_path, tiny_model_dir, steps=2)
-    sets = ["--set", "training.objective=orpo", "--set", "training.loss_type=", "--set", "training.save_steps="]
-    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", *sets])
+    sets = ["objective=orpo", "beta=0.5", "loss_type=", "save_steps=", "batch_size=12", "precision=fp32"]
+    result = runner.invoke(app, ["train", str(recipe), "--samples", "0", *[f"--set=training.{s}" for s in sets]])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     info = json.loads((run / "run.json").read_text())
     assert info["objective"] == "orpo" and info["steps"] == 2 and info["eval_after"]["pairs"] == 4
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "rewards/margins" in rows[1] and math.isfinite(rows[1]["loss"])
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2] and all(math.isfinite(r["loss"]) for r in losses)
+    first = losses[0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    nll_sum, nll_tokens, odds = 0.0, 0, []
+    for i in range(12):
+        system = [{"role": "system", "content": SYSTEM}] if i % 3 else []  # pair()'s strings form has none
+        prompt = system + [{"role": "user", "content": f"What is {i} plus 1?"}]
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        mean_logp = {}
+        for key, reply in (("chosen", f"The answer is {i + 1}."), ("rejected", "I do not know, sorry.")):
+            body = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([head_ids + body])).logits[0].double()
+            logps = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor([head_ids + body])[0, 1:, None])[:, 0]
+            mean_logp[key] = float(logps[len(head_ids) - 1 :].mean())
+            if key == "chosen":
+                nll_sum, nll_tokens = nll_sum - float(logps.sum()), nll_tokens + len(logps)
+        c, r = mean_logp["chosen"], mean_logp["rejected"]
+        odds.append((c - r) - (math.log(-math.expm1(c)) - math.log(-math.expm1(r))))
+    log_odds = torch.tensor(odds, dtype=torch.float64)
+    ratio = float(torch.nn.functional.logsigmoid(log_odds).mean())
+    assert first["nll_loss"] == pytest.approx(nll_sum / nll_tokens, abs=1e-4)
+    assert first["log_odds_chosen"] == pytest.approx(float(log_odds.mean()), abs=1e-4)
+    assert first["log_odds_ratio"] == pytest.approx(ratio, abs=1e-4)
+    assert first["loss"] == pytest.approx(nll_sum / nll_tokens - 0.5 * ratio, abs=1e-4)
+    assert first["loss"] != pytest.approx(math.log(2), abs=1e-2)  # not DPO's first loss
+    assert {"rewards/margins", "logps/chosen"} <= set(first)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
 
 
@@ -336,7 +370,9 @@ def test_dpo_with_prompt_tuning_trains_only_the_virtual_tokens(tmp_path, tiny_mo
     assert info["steps"] == 2 and info["trainable_parameters"] == 4 * hidden
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert abs(rows[1]["loss"] - math.log(2)) < 0.1 and math.isfinite(rows[-1].get("loss", 0.0))
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2] and all(math.isfinite(r["loss"]) for r in losses)
+    assert abs(losses[0]["loss"] - math.log(2)) < 0.1
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
     # its virtual tokens cannot be merged into weights: no later run can start from it
     result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={run}", f"--set=output.dir={tmp_path}/x"])

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from finetune_cli import rundir
 from finetune_cli.cli import app
 from tests.conftest import ROOT, conversation, write_jsonl
 
@@ -635,30 +636,78 @@ def test_sigterm_checkpoints_after_the_step_and_exits_130(long_runs):
 # --- 4. training.save_total_limit --------------------------------------------------------------------------------
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped (state T): what is on disk cannot change while it is looked at."""
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks)
+    except FileNotFoundError:  # a thread that ended while being looked at: look again
+        return False
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_while_running(long_runs):
-    """save_steps 1, limit 2: after step 5, the run is frozen (SIGSTOP) and looked at, then killed with SIGKILL.
-    The two newest checkpoints, complete, and nothing else. (A look that lands inside the callback's rotation,
-    between renaming in the new checkpoint and deleting the oldest, is retried after letting it run on.)"""
+    """save_steps 1, limit 2: from step 5 on, the run is frozen (SIGSTOP, waited for until every thread is stopped)
+    and checkpoints/ is listed, then let go, until three newer checkpoints have come in; every listing is kept, and
+    none may hold more than 2 (README: a kill never leaves more than save_total_limit). Then it is killed
+    (SIGKILL) while frozen: the two newest checkpoints, complete, and nothing else."""
     run, log, proc = long_runs["limit"]
     folder = run / "checkpoints"
+    listings = []
     try:
         wait_for(lambda: logged_step(run) >= 5, proc, log)
-        for _ in range(20):
+        while True:
             proc.send_signal(signal.SIGSTOP)
-            names = sorted(p.name for p in folder.iterdir())
-            if len(names) <= 2:
+            wait_for(lambda: stopped(proc.pid), proc, log, timeout=10)
+            listings.append(sorted(rundir.checkpoint_step(p) for p in folder.iterdir()))
+            if max(listings[-1], default=0) >= max(listings[0]) + 3:
                 break
             proc.send_signal(signal.SIGCONT)
-            time.sleep(0.05)
+            time.sleep(0.01)
+            assert len(listings) < 20_000, listings[-5:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
+    assert max(len(names) for names in listings) <= 2, [names for names in listings if len(names) > 2][:5]
     numbers = sorted(int(p.name.removeprefix("checkpoint-")) for p in folder.iterdir())
-    assert len(numbers) == 2 and numbers[1] >= 4, numbers  # step 5 was logged: checkpoint-4 was in place
-    newest = numbers[1]
-    assert numbers == [newest - 1, newest]
+    assert numbers == listings[-1] and numbers[-1] >= 7, numbers
+    assert numbers in ([numbers[-1] - 1, numbers[-1]], [numbers[-1]])  # the newest (one, if frozen mid-rotation)
     for n in numbers:
         state = json.loads((folder / f"checkpoint-{n}" / "trainer_state.json").read_text())
         assert state["global_step"] == n
     assert json.loads((run / "run.json").read_text())["status"] == "running"  # killed: the run was going
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_checkpoint_rotation_never_holds_more_than_the_limit_at_any_kill_point(tmp_path, monkeypatch, limit):
+    """The rotation callback on staged checkpoints, checkpoints/ listed after every rename and delete (each point a
+    kill could land at): never more than the limit (with a limit of 1, never none: the new one goes in before the
+    old one leaves, so a kill there leaves 2); at the end, the newest `limit`."""
+    import shutil
+
+    from finetune_cli.trainer import Checkpoints
+
+    folder = tmp_path / rundir.CHECKPOINTS
+    listings = []
+
+    def watched(operation):
+        def run(*args, **kwargs):
+            result = operation(*args, **kwargs)
+            listings.append(sorted(rundir.checkpoint_step(p) for p in folder.glob("checkpoint-*")))
+            return result
+
+        return run
+
+    monkeypatch.setattr(os, "replace", watched(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
+    rotation = Checkpoints(tmp_path, limit, every_epoch=False)
+    for step in range(1, 7):
+        staged = tmp_path / rundir.STAGING / f"checkpoint-{step}"
+        staged.mkdir(parents=True)
+        (staged / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        rotation.on_save(None, state, None)
+    assert listings[-1] == list(range(7 - limit, 7))
+    after_first = listings[listings.index([1]) :]
+    allowed = 2 if limit == 1 else limit
+    assert max(map(len, after_first)) <= allowed and min(map(len, after_first)) >= 1, after_first

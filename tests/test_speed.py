@@ -93,7 +93,8 @@ def test_packed_losses_equal_unpacked_per_example(setup, tiny_model_dir, tmp_pat
     trainer = trainer_for(setup, tiny_model_dir, tmp_path, packing=True)
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model.eval()
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # LoRA B starts at 0: the same function
+    # LoRA B starts at 0: the same function (on the trainer's device: a GPU where there is one)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(model.device).eval()
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         pos = batch["position_ids"][0]
@@ -219,7 +220,8 @@ def test_packing_auto_packs_on_cpu_and_pads_on_gpus(setup, tiny_model_dir, tmp_p
     recipe = recipes.Recipe.model_validate({"model": {"base": str(tiny_model_dir)},
                                             "data": {"train": str(folder / "train.jsonl")}})  # fmt: skip
     assert recipe.training.packing == "auto"
-    assert trainers.packing_applies(recipe)  # no CUDA here
+    monkeypatch.setattr(trainers, "cuda", lambda: False)  # a CPU machine, also on a GPU box
+    assert trainers.packing_applies(recipe)
     assert "position_ids" in next(iter(trainer_for(setup, tiny_model_dir, tmp_path).get_train_dataloader()))
     old = recipe.model_dump(mode="json")
     old["training"]["packing"] = True
