@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ RECIPE = "recipe.yaml"
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
-PREDICTIONS = "predictions.jsonl"  # `ftune eval --generate`'s answers, one JSON line per example
+PREDICTIONS = "predictions.jsonl"  # `ftune eval --generate`'s answers on the run's eval data, one JSON line each
+OTHER_PREDICTIONS = re.compile(r"predictions-[\w.-]+-[0-9a-f]{8}\.jsonl")  # its answers on other data (evaluate.py)
 ADAPTER = "adapter"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
@@ -32,7 +32,8 @@ ADAPTER_RECORD = "ftune.json"  # in an adapter folder: base model, method and mo
 
 # What a run directory may hold; anything else is the user's and is never deleted.
 RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, PREDICTIONS, ADAPTER, MODEL, START, CHECKPOINTS, STAGING, MARKER}
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-\w+)?")  # files.py's and our renames' temporary names
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-[\w-]+)?")  # files.py's and our renames' temporary names
+_CHECKPOINT = re.compile(r"checkpoint-\d+")  # a checkpoint folder in checkpoints/ (trainer.Checkpoints)
 
 
 def project_root() -> Path | None:
@@ -66,22 +67,14 @@ def read_marker(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _legacy_run(folder: Path) -> bool:
-    """A run written before runs were marked: ftune's run.json next to its recipe.yaml."""
-    info = read_run_json(folder, strict=False) or {}
-    return (folder / RECIPE).is_file() and "status" in info and "ftune" in info.get("versions", {})
-
-
 def is_run(folder: Path) -> bool:
-    marker = read_marker(folder)
-    return (marker or {}).get("kind") == "run" or _legacy_run(folder)
+    return (read_marker(folder) or {}).get("kind") == "run"
 
 
-def _ours(name: str, known: set[str]) -> bool:
-    if name in known:
-        return True
+def _ours(name: str, known: set[str], pattern: re.Pattern | None = None) -> bool:
     temporary = _TEMPORARY.fullmatch(name)
-    return bool(temporary and temporary["name"] in known)
+    name = temporary["name"] if temporary else name
+    return name in known or bool(pattern and pattern.fullmatch(name))
 
 
 def _foreign(folder: Path, kind: str) -> list[str]:
@@ -90,7 +83,24 @@ def _foreign(folder: Path, kind: str) -> list[str]:
         known = RUN_ENTRIES
     else:
         known = set((read_marker(folder) or {}).get("files", [])) | {MARKER}
-    return sorted(p.name for p in folder.iterdir() if not _ours(p.name, known))
+    pattern = OTHER_PREDICTIONS if kind == "run" else None
+    found = [p.name for p in folder.iterdir() if not _ours(p.name, known, pattern)]
+    return sorted(found + (_foreign_checkpoints(folder) if kind == "run" else []))
+
+
+def _foreign_checkpoints(folder: Path) -> list[str]:
+    """What a run's checkpoints/ holds besides the checkpoint-N folders ftune moves there (a finished, resumed or
+    replaced run deletes it): a user's checkpoints/epoch3.pt is theirs."""
+    checkpoints = folder / CHECKPOINTS
+    if checkpoints.is_symlink() or (checkpoints.exists() and not checkpoints.is_dir()):
+        return [CHECKPOINTS]
+    if not checkpoints.is_dir():
+        return []
+    return [
+        f"{CHECKPOINTS}/{p.name}"
+        for p in checkpoints.iterdir()
+        if p.is_symlink() or not p.is_dir() or not _CHECKPOINT.fullmatch(p.name)
+    ]
 
 
 def _contents(folder: Path) -> list[str]:
@@ -123,30 +133,36 @@ def load_recipe(path: Path, overrides: list[str], resume: bool):
 def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool = False) -> None:
     """Refuse, before anything is written, an output folder that is not free for a new `kind` folder.
 
-    Free: missing or empty. With `overwrite`: also a folder of that kind that holds only what ftune wrote.
-    Never: a file, a symbolic link, `/`, home, the current folder or its parents, ftune's checkout."""
+    Free: missing or empty. With `overwrite` (or `resume`, for a run): also a folder whose .ftune marker says it
+    is ftune's `kind` and that holds only what ftune writes there (a resumed run leaves other files alone, but
+    deletes its checkpoints/ when it completes). Never: a file or a path under one, a symbolic link, `/`, home,
+    the current folder or its parents, ftune's checkout."""
     why = _protected(path)
     if why:
         example = {"run": "runs/NAME", "merge": "merged/NAME"}.get(kind, f"{kind}s/NAME")
         raise FtuneError(f"{key}: {path} is {why}; give the {kind} a folder of its own, e.g. {example}")
     if path.is_symlink() and (overwrite or resume):
         raise FtuneError(f"{key}: {path} is a symbolic link; give the folder it points to ({path.resolve()})")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise FtuneError(f"{key}: {path} is inside {above}, which is a file, not a folder; choose another {key}")
     if path.exists() and not path.is_dir():
         raise FtuneError(f"{key}: {path} is a file, not a folder; choose another {key}")
-    if resume or not path.exists() or not _contents(path):
+    if not path.exists() or not _contents(path):
         return
-    foreign = _foreign(path, kind)
     marker = read_marker(path) or {}
-    if kind != "run" and marker.get("kind") not in (None, kind):  # another command's output: never replaced here
+    if marker.get("kind") not in (None, kind):  # another command's output: never replaced here
         raise FtuneError(f"{key}: {path} holds a {marker['kind']} output of ftune, not a {kind}; choose another {key}")
-    ours = (is_run(path) or (path / CHECKPOINTS).is_dir()) if kind == "run" else bool(marker)
-    if foreign or not ours:
-        shown = foreign or _contents(path)
+    if marker.get("kind") != kind:  # only the marker ftune wrote proves the folder is ftune's
+        foreign = _contents(path)
+    else:
+        foreign = _foreign_checkpoints(path) if resume else _foreign(path, kind)
+    if foreign:
         raise FtuneError(
-            f"{key}: {path} holds files ftune did not write ({_listing(shown)}); "
+            f"{key}: {path} holds files ftune did not write ({_listing(foreign)}); "
             f"ftune never replaces them: choose another {key}"
         )
-    if overwrite:
+    if resume or overwrite:
         return
     if kind != "run":
         raise FtuneError(f"{key}: {path} exists; pass --overwrite to replace it or choose another folder")
@@ -158,8 +174,9 @@ def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool 
 
 
 def clear(path: Path) -> None:
-    """Empty a folder `check_output` allowed to overwrite (the folder itself stays: it holds our lock)."""
-    for entry in path.iterdir():
+    """Empty a folder `check_output` allowed to overwrite (the folder itself stays: it holds our lock); the marker
+    goes last, so a clear cut short leaves a folder --overwrite still knows as ftune's."""
+    for entry in sorted(path.iterdir(), key=lambda p: p.name == MARKER):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -206,14 +223,10 @@ def mark(path: Path, kind: str, written: list[str] = ()) -> None:
 
 def replace_folder(tmp: Path, out: Path, kind: str, written: list[str]) -> None:
     """Put a finished temporary folder in place of `out` (checked with check_output), marked as ftune's."""
+    from finetune_cli import files
+
     mark(tmp, kind, written)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    files.replace_folder(tmp, out)
 
 
 def read_run_json(folder: Path, strict: bool = True) -> dict | None:
@@ -398,6 +411,14 @@ def open_target(name: str, base: str | None = None) -> Target:
     from finetune_cli import models
 
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix != ".gguf":
+        folder = path.parent
+        model = is_run(folder) or (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+        hint = f", such as the folder this file is in: {folder}" if model else ""
+        raise FtuneError(
+            f"{name} is a file, not a model: give a run directory, an adapter folder, a model folder, a .gguf file "
+            f"or a model name{hint}"
+        )
     kind = (read_marker(path) or {}).get("kind")  # merge-adapter's and export's folders are marked too: models
     if path.is_dir() and (kind == "run" or (kind is None and ((path / RUN_JSON).exists() or (path / RECIPE).exists()))):
         return _open_run(name, path, base)

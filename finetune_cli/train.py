@@ -242,6 +242,7 @@ def _save_start(model, plan: Plan) -> None:
         with files.temporary_folder(Path(plan.source)) as tmp:
             model.save_pretrained(tmp)
             plan.tokenizer.save_pretrained(tmp)
+            files.umask_modes(tmp)
             tmp.rename(plan.source)
     launch.barrier()
 

@@ -323,6 +323,7 @@ def save_artifact(trainer, recipe, out: Path, base: str | None = None) -> Path:
             files.write_json(tmp / rundir.ADAPTER_RECORD, record)
         if final.exists():  # a save that was interrupted after its rename (never the user's: this is our run)
             shutil.rmtree(final)
+        files.umask_modes(tmp)  # safetensors writes its files 0600
         tmp.rename(final)
     launch.barrier()
     return final
@@ -442,6 +443,7 @@ class Checkpoints(TrainerCallback):
         if self.limit > 1:
             for old in older[: max(room, 0)]:
                 self._discard(old)
+        files.umask_modes(staged)
         os.replace(staged, final)
         if self.limit == 1:
             for old in older:

@@ -269,3 +269,79 @@ def test_interrupt_inside_training_marks_the_run(recipe, tmp_path):
         train.run(recipes.load(recipe), callbacks=[Interrupt()], samples=0)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_have_the_modes_of_the_umask(tmp_path, umask):
+    """Files written through a temporary and folders renamed into place (a replaced empty folder included) get
+    what the umask gives a plain open() or mkdir(), also a file safetensors wrote 0600 inside them."""
+    from safetensors.torch import save_file
+
+    from finetune_cli import files
+
+    target = tmp_path / "out"
+    target.mkdir(mode=0o755)
+    before = os.umask(umask)
+    try:
+        files.write_text(tmp_path / "run.json", "{}")
+        with files.temporary_folder(target) as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+            (tmp / "sub").mkdir()
+            files.write_text(tmp / "sub" / "Modelfile", "FROM x")
+            files.replace_folder(tmp, target)
+    finally:
+        os.umask(before)
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    found = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "run.json", target, *target.rglob("*")]}
+    assert found == {
+        "run.json": file_mode,
+        "out": folder_mode,
+        "model.safetensors": file_mode,
+        "sub": folder_mode,
+        "Modelfile": file_mode,
+    }
+
+
+def test_a_later_write_removes_what_a_killed_writer_left(tmp_path):
+    """A writer killed by SIGKILL leaves its temporary (a killed export: a half-written GGUF); the next write to the
+    same target removes it, and leaves alone a running writer's, one locked by a writer elsewhere (its process id
+    means nothing here), another target's and a user's file that only looks like one."""
+    from finetune_cli import files
+
+    target = tmp_path / "out"
+    code = (
+        "import pathlib, sys, time\nfrom finetune_cli import files\n"
+        "with files.temporary_folder(pathlib.Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'm.gguf').write_bytes(bytes(1000))\n    print(tmp.name, flush=True)\n    time.sleep(300)\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", code, target], stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    killed, running = [tmp_path / w.stdout.readline().strip() for w in writers]
+    writers[0].send_signal(signal.SIGKILL)
+    writers[0].wait()
+    dead = writers[0].pid
+    assert (killed / "m.gguf").is_file() and (running / "m.gguf").is_file()
+    killed_aside = tmp_path / f".out.old-{dead}-0123abcd"  # killed between moving the old output aside and renaming
+    killed_aside.mkdir()
+    killed_file = tmp_path / f".run.json.tmp-{dead}-0123abcd"
+    killed_file.write_text('{"sta')
+    elsewhere = tmp_path / f".out.tmp-{dead}-89abcdef"
+    elsewhere.mkdir()
+    other, lookalike = tmp_path / f".other.tmp-{dead}-0123abcd", tmp_path / ".out.tmp-notes"
+    other.mkdir()
+    lookalike.write_text("mine")
+    held = os.open(elsewhere, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with files.temporary_folder(target) as tmp:
+            files.write_text(tmp / "m.gguf", "new")
+            files.replace_folder(tmp, target)
+        files.write_text(tmp_path / "run.json", "{}")
+    finally:
+        os.close(held)
+        writers[1].kill()
+        writers[1].wait()
+    assert not killed.exists() and not killed_aside.exists() and not killed_file.exists()
+    assert running.is_dir() and elsewhere.is_dir() and other.is_dir() and lookalike.read_text() == "mine"
+    assert (target / "m.gguf").read_text() == "new" and (tmp_path / "run.json").read_text() == "{}"

@@ -74,7 +74,84 @@ def test_overwrite_never_deletes_a_users_folder(setup, tmp_path, command):
     assert plain.exit_code == 2 and "already holds a run" not in plain.output and "thesis.txt" in plain.output
 
 
-@pytest.mark.parametrize("where", [".", "~", "/", ".."])
+USERS_FOLDERS = {
+    "issue": {"model/pytorch_model.bin": "w", "checkpoints/epoch3.pt": "c", "recipe.yaml": "mine"},
+    "only-checkpoints": {"checkpoints/best.pt": "b"},
+    "hf-model": {"model/config.json": "{}", "model/model.safetensors": "w", "checkpoints/epoch3.pt": "c"},
+}
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+@pytest.mark.parametrize("contents", USERS_FOLDERS)
+def test_a_users_folder_named_like_a_run_is_never_replaced(setup, tmp_path, contents, flag):
+    """Names a run has (model/, checkpoints/, recipe.yaml) are no proof: without ftune's .ftune marker the folder is
+    refused, naming what is there, and nothing in it changes (a resume would have called model/ a finished run
+    and deleted checkpoints/)."""
+    recipe, _ = setup
+    out = tmp_path / "proj"
+    for name, text in USERS_FOLDERS[contents].items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = snapshot(out)
+    result = train(recipe, "--set", f"output.dir={out}", flag)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    line = error_line(result)
+    assert "did not write" in line and all(name.split("/")[0] in line for name in USERS_FOLDERS[contents])
+    assert snapshot(out) == before
+
+
+def test_a_run_without_its_marker_is_not_replaced(setup, tmp_path):
+    """A run's run.json and recipe.yaml can be copied anywhere: only the .ftune marker proves the folder is ftune's."""
+    recipe, run = setup
+    out = copy_of(run, tmp_path)
+    (out / ".ftune").unlink()
+    before = snapshot(out)
+    result = train(recipe, "--set", f"output.dir={out}", "--overwrite")
+    assert result.exit_code == 2 and "did not write" in error_line(result) and "run.json" in error_line(result)
+    assert snapshot(out) == before
+
+
+def test_a_users_file_in_a_runs_checkpoints(setup, interrupted, tmp_path):
+    """A run's checkpoints/ holds ftune's checkpoint-N folders; a finished, resumed or replaced run deletes it, so a
+    user's checkpoints/epoch3.pt in it stops --overwrite and --resume, naming it."""
+    recipe, _ = setup
+    out = copy_of(interrupted, tmp_path)
+    (out / "checkpoints" / "epoch3.pt").write_text("mine")
+    before = snapshot(out)
+    for flag in ("--overwrite", "--resume"):
+        result = train(recipe, "--set", f"output.dir={out}", "--set", "training.max_steps=4", flag)
+        assert result.exit_code == 2 and "checkpoints/epoch3.pt" in error_line(result), result.output
+        assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["train", "merge-adapter", "export"])
+def test_an_output_folder_inside_a_file(setup, tmp_path, command):
+    recipe, run = setup
+    afile = tmp_path / "README.md"
+    afile.write_text("mine")
+    out = afile / "sub"
+    args = {
+        "train": ["train", recipe, "--samples", "0", "--set", f"output.dir={out}"],
+        "merge-adapter": ["merge-adapter", run, "-o", out],
+        "export": ["export", run, "--format", "gguf", "-o", out],
+    }[command]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"inside {afile}, which is a file" in error_line(result)
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "-p", "hi"]])
+def test_a_file_given_as_the_model(setup, command):
+    """`ftune serve RUN/run.json`: the file is named as a file, and its run folder suggested."""
+    _, run = setup
+    result = runner.invoke(app, [command[0], str(run / "run.json"), *command[1:]])
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "is a file, not a model" in line and line.endswith(f"the folder this file is in: {run}")
+
+
+@pytest.mark.parametrize("where", [".", "~/", "/", ".."])  # `~/`: a bare `~` is YAML null (unset)
 def test_current_home_root_and_parents_are_refused(setup, tmp_path, monkeypatch, where):
     recipe, _ = setup
     home, cwd = tmp_path / "home", tmp_path / "home" / "work"
@@ -126,6 +203,8 @@ def test_overwrite_of_a_symlink_and_output_that_is_a_file(setup, tmp_path):
 def test_merge_overwrite_replaces_its_own_output_only(setup, tmp_path):
     _, run = setup
     out = tmp_path / "merged"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".merged.tmp-{int(dead.stdout)}-0123abcd").mkdir()
     assert runner.invoke(app, ["merge-adapter", str(run), "-o", str(out)]).exit_code == 0
     marker = json.loads((out / ".ftune").read_text())
     assert marker["kind"] == "merge" and "config.json" in marker["files"]
@@ -135,7 +214,8 @@ def test_merge_overwrite_replaces_its_own_output_only(setup, tmp_path):
     (out / "my-eval.txt").write_text("mine")
     refused = runner.invoke(app, ["merge-adapter", str(run), "-o", str(out), "--overwrite"])
     assert refused.exit_code == 2 and "my-eval.txt" in error_line(refused) and (out / "my-eval.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left, nor
+    # the one a killed merge left (its process is gone): the first merge above removed it
     gguf = tmp_path / "gguf"  # another command's output, marked as ftune's: merge --overwrite leaves it alone
     gguf.mkdir()
     (gguf / ".ftune").write_text(json.dumps({"kind": "gguf", "files": ["m.gguf"]}))
@@ -239,8 +319,10 @@ def test_torn_metrics_line_and_resume(interrupted, tmp_path):
     out = copy_of(interrupted, tmp_path)
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "lo')  # what kill -9 in the middle of a write leaves
+    (out / "notes.md").write_text("mine")  # a resumed run leaves the user's files beside it alone
     result = runner.invoke(app, ["train", str(out), "--resume", "--samples", "0"])
     assert result.exit_code == 0, result.output
+    assert (out / "notes.md").read_text() == "mine"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
@@ -256,9 +338,21 @@ def test_trim_metrics_drops_later_rows_and_a_torn_line(tmp_path):
 
 
 def test_a_folder_with_only_checkpoints(setup, interrupted, tmp_path):
+    """A run left with only its marker and checkpoints resumes; without the marker, checkpoint-N folders (which any
+    transformers script writes) are no proof the folder is ftune's: refused, untouched."""
+    import shutil
+
     recipe, _ = setup
-    out = copy_of(interrupted, tmp_path)
+    unmarked = Path(shutil.copytree(interrupted, tmp_path / "unmarked"))
     for name in ("run.json", "recipe.yaml", ".ftune", "metrics.jsonl"):
+        (unmarked / name).unlink()
+    before = snapshot(unmarked)
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        refused = train(recipe, "--set", f"output.dir={unmarked}", "--set", "training.max_steps=4", *flag)
+        assert refused.exit_code == 2 and "did not write (.staging, checkpoints)" in error_line(refused)
+    assert snapshot(unmarked) == before
+    out = copy_of(interrupted, tmp_path)
+    for name in ("run.json", "recipe.yaml", "metrics.jsonl"):
         (out / name).unlink()
     args = ["--set", f"output.dir={out}", "--set", "training.max_steps=4"]
     fresh = train(recipe, *args)
@@ -311,6 +405,37 @@ def test_resume_of_an_interrupted_run_whose_adapter_is_saved(setup, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and "reason" not in info and not (out / "checkpoints").exists()
     assert not (out / ".adapter.tmp").exists()
+
+
+def modes(folder: Path) -> dict:
+    """The permission bits of `folder` and of every file and folder in it, by kind."""
+    found = {"files": set(), "folders": set()}
+    for p in [folder, *folder.rglob("*")]:
+        found["folders" if p.is_dir() else "files"].add(oct(p.stat().st_mode & 0o7777))
+    return found
+
+
+def test_what_ftune_writes_has_the_modes_of_the_umask(setup, tmp_path):
+    """Under umask 027 (not the usual 022, so no fixed mode passes) every file ftune writes is 0640 and every
+    folder 0750: files written through a temporary (run.json, recipe.yaml, .ftune, eval.json), safetensors' own
+    (0600 by themselves) in checkpoints, the adapter and a merged folder, and the folders renamed into place."""
+    recipe, _ = setup
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    seen = []
+    umask = os.umask(0o027)
+    try:
+        interrupted_run(recipe, out, at_step=3)
+        assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        seen.append(modes(out))
+        assert runner.invoke(app, ["train", str(out), "--resume", "--samples", "0"]).exit_code == 0
+        assert runner.invoke(app, ["eval", str(out)]).exit_code == 0
+        assert (out / "eval.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+        seen.append(modes(out))
+        assert runner.invoke(app, ["merge-adapter", str(out), "-o", str(merged)]).exit_code == 0
+        seen.append(modes(merged))
+    finally:
+        os.umask(umask)
+    assert seen == [{"files": {"0o640"}, "folders": {"0o750"}}] * 3
 
 
 # C. numbers mean what they say
@@ -388,7 +513,18 @@ def truncate(path: Path):
     ids=["truncated-weights", "no-adapter-config", "corrupt-ftune-json", "corrupt-run-json"],
 )
 @pytest.mark.parametrize("command", ["eval", "generate", "merge-adapter"])
-def test_corrupt_artifacts_are_named(setup, tmp_path, breaks, named, command):
+def test_corrupt_artifacts_are_named(setup, tmp_path, monkeypatch, breaks, named, command):
+    """Named before any model loads: a recorder in place of transformers' from_pretrained sees no call for the
+    broken run, and does see one for the intact run (so it is on the path ftune loads models by)."""
+    from transformers import PreTrainedModel
+
+    loads = []
+
+    def record(cls, *args, **kwargs):
+        loads.append(args[:1])
+        raise RuntimeError("a model load, recorded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(record))
     broken = broken_copy(setup[1], tmp_path, breaks)
     args = {"eval": [], "generate": ["-p", "hi"], "merge-adapter": ["-o", str(tmp_path / "merged")]}[command]
     result = runner.invoke(app, [command, str(broken), *args])
@@ -396,6 +532,9 @@ def test_corrupt_artifacts_are_named(setup, tmp_path, breaks, named, command):
     line = error_line(result)
     assert line.startswith("error:") and named in line
     assert not (tmp_path / "merged").exists()
+    assert loads == []
+    runner.invoke(app, [command, str(setup[1]), *args])
+    assert loads, "the recorder did not see the intact run's model load"
 
 
 def test_unfinished_run_says_resume_it(setup, tmp_path):
@@ -447,13 +586,18 @@ def test_eval_json_keeps_one_result_per_data_set(setup):
     assert len(kept) == 1 and kept[0] == json.loads(second.stdout)
 
 
-def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(interrupted, tmp_path):
+@pytest.mark.parametrize(
+    "change", ["training.optimizer=sgd", "training.lr_scheduler=linear", "training.weight_decay=0.1"]
+)
+def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(interrupted, tmp_path, change):
     """The optimizer, the schedule's shape and weight decay live in the checkpoint's optimizer and scheduler state:
-    changing them on resume is refused even with --force (a changed learning rate is applied: test_promises)."""
+    changing any of them on resume is refused even with --force (a changed learning rate is applied:
+    test_promises)."""
     out = copy_of(interrupted, tmp_path)
     before = snapshot(out)
-    result = runner.invoke(
-        app, ["train", str(out), "--resume", "--force", "--samples", "0", "--set", "training.optimizer=sgd"]
+    result = runner.invoke(app, ["train", str(out), "--resume", "--force", "--samples", "0", "--set", change])
+    key = change.split("=")[0]
+    assert result.exit_code == 2 and error_line(result).startswith(f"error: --resume: {key} cannot change"), (
+        result.output
     )
-    assert result.exit_code == 2 and "training.optimizer cannot change" in error_line(result)
     assert snapshot(out) == before
