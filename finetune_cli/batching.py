@@ -31,13 +31,18 @@ class Sequence:
     seed: int | None = None
     repetition_penalty: float = 1.0  # as transformers applies it (a model's generation config may set it)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (end-of-turn token or a stop text) | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" (end-of-turn token or a stop text) | "length" | "cancelled" | "error"
     cancelled: bool = False  # set from another thread; the sequence leaves the batch before the next step
+    error: Exception | None = None  # what ended it, when finish_reason is "error"
     generator: torch.Generator | None = None
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
+
+    def fail(self, error: Exception) -> None:
+        """End this sequence alone with `error` (it leaves the batch before the next step)."""
+        self.error, self.finish_reason = error, "error"
 
 
 class Batch:
@@ -74,16 +79,9 @@ class Batch:
     @torch.no_grad()
     def add(self, seqs: list[Sequence]) -> list[Sequence]:
         """Prefill `seqs` (left-padded together), choose their first tokens and take them into the batch; return the
-        ones that ended at once."""
+        ones that ended at once. A prefill that fails ends `seqs` alone (the running batch is not touched yet)."""
         from transformers import DynamicCache
 
-        for seq in seqs:
-            if seq.temperature > 0 and seq.generator is None:
-                seq.generator = torch.Generator(device="cpu")
-                if seq.seed is not None:
-                    seq.generator.manual_seed(seq.seed)
-                else:
-                    seq.generator.seed()
         width = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -92,7 +90,12 @@ class Batch:
             mask[i, width - len(seq.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate computes them
         cache = DynamicCache(config=self._config)
-        logits = self._forward(ids, mask, positions, cache)
+        try:
+            logits = self._forward(ids, mask, positions, cache)
+        except Exception as exc:  # noqa: BLE001 - e.g. a prompt the model cannot take: these requests fail alone
+            for seq in seqs:
+                seq.fail(exc)
+            return list(seqs)
         if not self.seqs:
             self.seqs, self.cache, self.mask, self.positions = list(seqs), cache, mask, mask.sum(-1)
         else:
@@ -127,13 +130,14 @@ class Batch:
         return out.logits[:, -1, :].to(dtype=torch.float32, device="cpu", copy=True)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        """Pick the next token of `seqs` from their `logits` rows; drop the sequences that ended; return them."""
+        """Pick the next token of `seqs` from their `logits` rows; drop the sequences that ended; return them. A
+        failure in one sequence's choice ends that sequence alone."""
         for i, seq in enumerate(seqs):
-            if seq.repetition_penalty != 1.0:
-                logits[i] = _penalize(logits[i], seq)
-        greedy = logits.argmax(-1).tolist()
-        for i, seq in enumerate(seqs):
-            token = greedy[i] if seq.temperature == 0 else _sample(logits[i], seq)
+            try:
+                token = _next_token(logits[i], seq)
+            except Exception as exc:  # noqa: BLE001 - the others go on
+                seq.fail(exc)
+                continue
             seq.tokens.append(token)
             if token in seq.stop_ids:
                 seq.finish("stop")
@@ -174,6 +178,12 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _next_token(logits: torch.Tensor, seq: Sequence) -> int:
+    if seq.repetition_penalty != 1.0:
+        logits = _penalize(logits, seq)
+    return int(logits.argmax()) if seq.temperature == 0 else _sample(logits, seq)
+
+
 def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor for one sequence: every token seen so far is made less likely."""
     seen = torch.tensor(seq.prompt + seq.tokens, dtype=torch.long)
@@ -184,7 +194,14 @@ def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, seq: Sequence) -> int:
     """Temperature and nucleus (top-p) sampling with the sequence's own generator, so a seed gives the same tokens
-    whichever requests share the batch."""
+    whichever requests share the batch (and, for a seed, the tokens `model.generate` gives after
+    `torch.manual_seed(seed)`: the tests check it)."""
+    if seq.generator is None:
+        seq.generator = torch.Generator(device="cpu")
+        if seq.seed is not None:
+            seq.generator.manual_seed(seq.seed)
+        else:
+            seq.generator.seed()
     probs = torch.softmax(logits / seq.temperature, dim=-1)
     if seq.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)

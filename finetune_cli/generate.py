@@ -9,15 +9,23 @@ from typing import Callable
 from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
 
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature can overflow: sampling's limit there is greedy decoding
+SEEDS = (-(2**63), 2**63 - 1)  # a seed is an int64, as in OpenAI's API (torch takes these)
 
-def check_sampling(do_sample: bool, temperature: float | None, top_p: float | None) -> None:
+
+def check_sampling(do_sample: bool, temperature: float | None, top_p: float | None, seed: int | None = None) -> None:
     """Sampling flags are checked before any model is loaded."""
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise FtuneError(f"--temperature: {temperature} must be a number >= 0")
-    if do_sample and temperature == 0:
-        raise FtuneError("--temperature 0 with --do-sample: sampling needs a temperature > 0 (or use --greedy)")
+    if do_sample and temperature is not None and temperature < MIN_TEMPERATURE:
+        raise FtuneError(
+            f"--temperature {temperature} with --do-sample: sampling needs a temperature >= {MIN_TEMPERATURE} "
+            "(or use --greedy)"
+        )
     if top_p is not None and not (0 < top_p <= 1):
         raise FtuneError(f"--top-p: {top_p} must be in (0, 1]")
+    if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+        raise FtuneError(f"--seed: {seed} must be an integer from -2^63 to 2^63-1")
 
 
 def sampling_kwargs(do_sample: bool, temperature: float | None, top_p: float | None, seed: int | None) -> dict:

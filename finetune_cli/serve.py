@@ -3,13 +3,15 @@
 Each TARGET is opened as `ftune generate` opens it (`rundir.open_target`: same base, adapter, tokenizer with the
 chat template training used, dtype, trust_remote_code). Adapters that share a base load it once, as PEFT named
 adapters, and the base is served too with the adapters disabled. One worker thread owns the models and decodes the
-queued requests of one model together (`batching.Batch`); the HTTP side only validates, tokenizes and streams.
+queued requests of one model together (`batching.Batch`); the HTTP side only validates, tokenizes (in a thread, off
+the event loop) and streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import re
@@ -29,16 +31,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from finetune_cli import batching
 from finetune_cli.batching import Batch, Sequence
 from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
+from finetune_cli.generate import MIN_TEMPERATURE, SEEDS
 
 CHAT_MAX_TOKENS = 256  # `ftune generate --max-new-tokens`'s default
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-_TOKENIZER = threading.Lock()  # a fast tokenizer must not encode in one thread while it decodes in another
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # `--max-request-bytes`' default: a larger body is refused (413) unread
+_TOKENIZER = threading.Lock()  # HTTP threads encode one at a time (the worker decodes with its own copy)
 
 
 # --- what is served
@@ -47,12 +52,14 @@ _TOKENIZER = threading.Lock()  # a fast tokenizer must not encode in one thread 
 @dataclass(eq=False)
 class Served:
     """One model name of the API: a model (shared by a base and its adapters), the adapter to enable (None: none,
-    with the adapters of a shared base disabled) and the tokenizer with its chat template."""
+    with the adapters of a shared base disabled) and the tokenizer with its chat template (`decoder`: a copy of it
+    for the worker thread, so decoding never waits for a long prompt's encoding)."""
 
     name: str
     model: object
     adapter: str | None
     tokenizer: object
+    decoder: object
     stop_ids: frozenset[int]
     context: int
     created: int = field(default_factory=lambda: int(time.time()))
@@ -135,6 +142,7 @@ def load(specs: list[str], log=lambda msg: None) -> dict[str, Served]:
                 model=model,
                 adapter=name if target.adapter is not None else None,
                 tokenizer=tokenizer,
+                decoder=copy.deepcopy(tokenizer),
                 stop_ids=frozenset(end_of_turn_ids(tokenizer)),
                 context=_context(model, tokenizer),
             )
@@ -195,8 +203,7 @@ class Text:
 
     def feed(self, tokens: list[int]) -> tuple[str, bool]:
         """The new text to send, and whether a stop text was reached."""
-        with _TOKENIZER:
-            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if self.strip:
             full = full.lstrip()
         found = [i for i in (full.find(s) for s in self.stops) if i >= 0]
@@ -309,13 +316,10 @@ class Engine:
                 elif batch is not None and len(batch):
                     batch.step()
                 self._deliver()
-            except Exception as exc:  # noqa: BLE001 - one failed step ends its requests, not the server
-                detail = f"{type(exc).__name__}: {exc}"
-                sys.stderr.write(f"error: decoding failed ({detail})\n")
-                if self.debug:
-                    traceback.print_exc()
+            except Exception as exc:  # noqa: BLE001 - a failed batch step ends its requests, not the server
+                error = self._failure(exc)
                 with self.cond:
-                    self._end_running(ApiError(500, f"generation failed: {detail}", code="generation_failed"))
+                    self._end_running(error)
                 batch = Batch(served.model, _pad_id(served.tokenizer))
 
     def _take(self, served: Served, batch: Batch) -> list[Job]:
@@ -329,14 +333,18 @@ class Engine:
         return new
 
     def _deliver(self) -> None:
-        """Send each running request its new text; finish the ones that ended."""
+        """Send each running request its new text; finish the ones that ended (one that failed ends alone)."""
         done = []
         size = len(self.running)
         for job in self.running:
             job.batch = max(job.batch, size)
             seq = job.seq
             if seq.finish_reason in (None, "stop", "length") and not seq.cancelled:
-                delta, stopped = job.text.feed(seq.tokens)
+                try:
+                    delta, stopped = job.text.feed(seq.tokens)
+                except Exception as exc:  # noqa: BLE001 - this request's text: it fails, the others go on
+                    seq.fail(exc)
+                    delta, stopped = "", False
                 if stopped:
                     seq.finish_reason = "stop"  # a stop text, also where the last token reached the length
                 if delta:
@@ -350,12 +358,22 @@ class Engine:
                 if rest:
                     job.post(("text", rest))
                 job.post(("end", seq.finish_reason))
+            elif seq.finish_reason == "error":
+                job.post(("error", self._failure(seq.error)))
             else:
                 seq.finish("cancelled")
                 job.post(("end", "cancelled"))
         if done:
             with self.cond:
                 self.running = [j for j in self.running if j not in done]
+
+    def _failure(self, exc: Exception) -> ApiError:
+        """The error for the requests `exc` ended; the server log gets one line (and the traceback with --debug)."""
+        detail = f"{type(exc).__name__}: {exc}"
+        sys.stderr.write(f"error: decoding failed ({detail})\n")
+        if self.debug:
+            traceback.print_exception(exc)
+        return ApiError(500, f"generation failed: {detail}", code="generation_failed")
 
     def _end_running(self, error: ApiError) -> None:
         for job in self.running:
@@ -411,7 +429,7 @@ class _Request(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -508,12 +526,13 @@ def prepare(served: Served, body: _Request, chat: bool) -> tuple[Sequence, Text]
         seed=body.seed,
         repetition_penalty=batching.repetition_penalty(served.model),
     )
-    return seq, Text(tokenizer, stops, strip=chat)
+    return seq, Text(served.decoder, stops, strip=chat)
 
 
 def _sampling(served: Served, body: _Request) -> tuple[float, float]:
-    """(temperature, top_p): 0 is greedy. Without a temperature the model's generation config decides, as for
-    `ftune generate` (greedy unless it says do_sample)."""
+    """(temperature, top_p): 0 is greedy, and so is a temperature below MIN_TEMPERATURE (sampling's limit as the
+    temperature goes to 0). Without a temperature the model's generation config decides, as for `ftune generate`
+    (greedy unless it says do_sample)."""
     temperature, top_p = body.temperature, body.top_p
     if temperature is None:
         config = getattr(served.model, "generation_config", None)
@@ -521,13 +540,13 @@ def _sampling(served: Served, body: _Request) -> tuple[float, float]:
             return 0.0, 1.0
         temperature = config.temperature or 1.0
         top_p = top_p or config.top_p
-    return float(temperature), float(top_p or 1.0)
+    return (float(temperature) if temperature >= MIN_TEMPERATURE else 0.0), float(top_p or 1.0)
 
 
 # --- the HTTP app
 
 
-def create_app(engine: Engine, api_key: str | None, log=None):
+def create_app(engine: Engine, api_key: str | None, log=None, max_request_bytes: int = MAX_REQUEST_BYTES):
     log = log or (lambda line: (sys.stderr.write(line + "\n"), sys.stderr.flush()))
 
     @contextlib.asynccontextmanager
@@ -584,7 +603,7 @@ def create_app(engine: Engine, api_key: str | None, log=None):
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(engine, body, request, chat=False)
 
-    return _Gate(app, api_key, log, engine.debug)
+    return _Gate(app, api_key, log, engine.debug, max_request_bytes)
 
 
 def _card(served: Served) -> dict:
@@ -604,7 +623,7 @@ async def _answer(engine: Engine, body: _Request, request: Request, chat: bool):
     info = request.state.ftune
     info["model"] = body.model
     served = _find(engine, body.model)
-    seq, text = prepare(served, body, chat)
+    seq, text = await run_in_threadpool(prepare, served, body, chat)  # tokenizing a long prompt takes seconds
     info["seq"] = seq
     loop = asyncio.get_running_loop()
     job = Job(served, seq, text, loop, asyncio.Queue())
@@ -729,17 +748,38 @@ async def _stream(job: Job, reply: _Reply, info: dict):
 
 
 class _Gate:
-    """The outermost ASGI layer: the API key (compared in constant time, never logged), one log line per request,
-    and a JSON error, never a traceback, for anything that escapes a handler."""
+    """The outermost ASGI layer: the API key (compared in constant time, never logged), the request size limit (413,
+    by Content-Length before reading, or as the body comes), one log line per request, and a JSON error, never a
+    traceback, for anything that escapes a handler."""
 
-    def __init__(self, app, api_key: str | None, log, debug: bool):
-        self.app, self.key, self.log, self.debug = app, api_key, log, debug
+    def __init__(self, app, api_key: str | None, log, debug: bool, max_bytes: int = MAX_REQUEST_BYTES):
+        self.app, self.key, self.log, self.debug, self.max_bytes = app, api_key, log, debug, max_bytes
+        self.too_large = f"the request body is larger than {max_bytes} bytes (the server's --max-request-bytes)"
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, given = header.partition(b" ")
         expected = self.key.encode()
         return hmac.compare_digest(given.strip() if scheme.lower() == b"bearer" else b"", expected)
+
+    def _declared_too_large(self, scope) -> bool:
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        return length.isdigit() and int(length) > self.max_bytes
+
+    def _limited(self, receive):
+        """`receive`, refusing a body (also a chunked one) once it passes the limit; the handler turns the
+        HTTPException into the 413."""
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self.too_large)
+            return message
+
+        return limited
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -760,8 +800,10 @@ class _Gate:
                     401, "missing or wrong API key: send the header Authorization: Bearer KEY", code="invalid_api_key"
                 )
                 await JSONResponse(error.body(), status_code=401)(scope, receive, tracked)
+            elif self._declared_too_large(scope):
+                await JSONResponse(ApiError(413, self.too_large).body(), status_code=413)(scope, receive, tracked)
             else:
-                await self.app(scope, receive, tracked)
+                await self.app(scope, self._limited(receive), tracked)
         except Exception as exc:  # noqa: BLE001 - the client gets a JSON error; the server log gets one line
             info["error"] = f"{type(exc).__name__}: {exc}"
             if self.debug:
@@ -817,6 +859,7 @@ def run(
     max_queue: int,
     debug: bool = False,
     log=None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> int:
     """Serve until SIGTERM (exit 0) or Ctrl-C (130)."""
     import uvicorn
@@ -827,7 +870,7 @@ def run(
     try:
         served = load(specs, log=lambda msg: log(f"serve: {msg}"))
         engine = Engine(served, max_batch, max_queue, debug)
-        app = create_app(engine, api_key, log)
+        app = create_app(engine, api_key, log, max_request_bytes)
         sock.listen(2048)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

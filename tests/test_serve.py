@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx  # httpx and openai: test dependencies (pyproject's dev extra)
 import openai
 import pytest
+
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-0123456789"
@@ -77,10 +80,17 @@ def run_dir(quickstart_run) -> Path:
     return quickstart_run[0]  # the shipped quickstart recipe, trained once per session: a LoRA that answers in JSON
 
 
+TINY_KEY = "sk-flag-key"
+TINY_LIMIT = 100_000  # its --max-request-bytes
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir, tmp_path_factory):
-    """A second server (the tiny model) for the Ctrl-C test, started alongside the main one to overlap start-ups."""
-    srv = Server([str(tiny_model_dir)], tmp_path_factory.mktemp("serve-tiny") / "server.log")
+    """A second server (the tiny model) for the flag and Ctrl-C tests, started alongside the main one to overlap
+    start-ups: `--api-key` given as a flag (FTUNE_API_KEY set to another key, which the flag overrides) and
+    `--max-request-bytes`."""
+    args = [str(tiny_model_dir), "--api-key", TINY_KEY, "--max-request-bytes", str(TINY_LIMIT)]
+    srv = Server(args, tmp_path_factory.mktemp("serve-tiny") / "server.log", {"FTUNE_API_KEY": KEY})
     yield srv
     srv.stop()
 
@@ -385,12 +395,270 @@ def test_sigterm_ends_in_flight_requests(server):
 
 
 @pytest.mark.slow
+def test_api_key_flag_and_request_size_limit(tiny_server, tiny_model_dir):
+    """`--api-key KEY` is the key (over $FTUNE_API_KEY); `--max-request-bytes N`: a larger body is a 413 in OpenAI's
+    shape, whether its Content-Length says so (refused unread) or a chunked body passes N as it comes."""
+    srv = tiny_server.ready()
+    assert srv.client(key=TINY_KEY).models.list().data[0].id == tiny_model_dir.name
+    for wrong in (KEY, None):
+        with srv.http(key=wrong) as http:
+            _error(http.get("/v1/models"), 401, code="invalid_api_key")
+    big = {"model": tiny_model_dir.name, "messages": chat("word " * (TINY_LIMIT // 5)), "max_tokens": 1}
+    with srv.http(key=TINY_KEY) as http:
+        assert "--max-request-bytes" in _error(http.post("/v1/chat/completions", json=big), 413)
+        chunked = (json.dumps(big)[i : i + 4096].encode() for i in range(0, len(json.dumps(big)), 4096))
+        headers = {"Content-Type": "application/json"}
+        _error(http.post("/v1/chat/completions", content=chunked, headers=headers), 413)
+        assert http.get("/health").json()["status"] == "ok"
+    with pytest.raises(openai.APIStatusError) as raised:
+        srv.client(key=TINY_KEY).chat.completions.create(**big)
+    assert raised.value.status_code == 413
+    small = {**big, "messages": chat("word " * (TINY_LIMIT // 10))}  # allowed, and too long for the context
+    with pytest.raises(openai.BadRequestError) as raised:
+        srv.client(key=TINY_KEY).chat.completions.create(**small)
+    assert raised.value.code == "context_length_exceeded"
+
+
+@pytest.mark.slow
 def test_ctrl_c_exits_130(tiny_server, tiny_model_dir):
     srv = tiny_server.ready()
-    with srv.http(key=None) as http:
+    with srv.http(key=TINY_KEY) as http:
         assert http.get("/v1/models").json()["data"][0]["id"] == tiny_model_dir.name
     assert srv.stop(signal.SIGINT) == 130
     assert "serve: stopped" in srv.text()
+
+
+# --- the tiny model served in this process (uvicorn in a thread), for tests that look inside or patch the server
+
+
+class InProcess(Server):
+    """`ftune serve`'s app over the tiny model in this process: `engine` and the request log are at hand."""
+
+    def __init__(self, model_dir: Path, max_request_bytes: int):
+        import uvicorn
+
+        from finetune_cli import serve
+
+        self.lines = []
+        self.engine = serve.Engine(serve.load([str(model_dir)]), max_batch=8, max_queue=8)
+        self.served = self.engine.served[model_dir.name]
+        app = serve.create_app(self.engine, KEY, self.lines.append, max_request_bytes)
+        sock = serve.bind("127.0.0.1", 0)
+        sock.listen(64)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def inproc(tmp_path_factory, tokenizer):
+    """An untied tiny random model (a tied one repeats the prompt's last token, so its greedy replies are blank)."""
+    srv = InProcess(tiny_model(tmp_path_factory.mktemp("tiny-untied"), tokenizer, tied=False), 2_000_000)
+    yield srv
+    srv.stop()
+
+
+def tiny_expected(srv: InProcess, question: str, max_tokens: int, **sampling) -> str:
+    """The chat reply `model.generate` gives (greedy, or sampled after `torch.manual_seed(seed)`)."""
+    import torch
+
+    from finetune_cli.data.masking import end_of_turn_ids, render
+
+    model, tok = srv.served.model, srv.served.tokenizer
+    enc = tok(render(tok, chat(question), add_generation_prompt=True), add_special_tokens=False, return_tensors="pt")
+    if sampling:
+        torch.manual_seed(sampling.pop("seed"))
+        kwargs = {"do_sample": True, "top_k": None, "top_p": 1.0, **sampling}
+    else:
+        kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    out = model.generate(
+        **enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, eos_token_id=end_of_turn_ids(tok), **kwargs
+    )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def hold_first_sample(monkeypatch, srv: InProcess, together: int, fail_seeds=()) -> threading.Event:
+    """Patch the sampler: the first sampled token waits (the worker with it) until `together` requests are in, so
+    they decode as one batch (the Event returned is set once they do); a request whose seed is in `fail_seeds`
+    raises then, at its third token (a fault in one request, mid-generation)."""
+    from finetune_cli import batching
+
+    real, met, engine = batching._sample, threading.Event(), srv.engine
+
+    def sample(logits, seq):
+        if not met.is_set():
+            deadline = time.time() + 30
+            while len(engine.waiting) + len(engine.running) < together and time.time() < deadline:
+                time.sleep(0.01)
+            if len(engine.running) == together:
+                met.set()
+        if seq.seed in fail_seeds and met.is_set() and len(seq.tokens) >= 2:
+            raise RuntimeError("injected fault")
+        return real(logits, seq)
+
+    monkeypatch.setattr(batching, "_sample", sample)
+    return met
+
+
+def test_a_failing_request_ends_alone(inproc, monkeypatch):
+    """A fault while decoding one request (a plain and a streamed one here) ends that request alone: 2 streamed and
+    2 plain requests of other clients, decoding in the same batch, get the answers `model.generate` gives, and the
+    server keeps serving."""
+    questions = ["Say hi.", "Name a fruit.", "Count to three.", "What is 2+2?"]
+    want = [tiny_expected(inproc, q, 30) for q in questions]
+    name = inproc.served.name
+    met = hold_first_sample(monkeypatch, inproc, together=6, fail_seeds=(13, 14))
+    client = inproc.client()
+
+    def ask(i):
+        kwargs = {"model": name, "max_tokens": 30}
+        if i >= 4:  # the faulty ones: sampled, seeds 13 (plain) and 14 (streamed)
+            kwargs.update(messages=chat("Tell me a story."), max_tokens=100, temperature=1, seed=9 + i)
+        else:
+            kwargs.update(messages=chat(questions[i]), temperature=0)
+        try:
+            if i % 2:
+                chunks = client.chat.completions.create(**kwargs, stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in chunks)
+            return client.chat.completions.create(**kwargs).choices[0].message.content
+        except openai.APIError as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as pool:
+        faulty = [pool.submit(ask, i) for i in (4, 5)]  # first: their first sampled token holds the batch open
+        while len(inproc.engine.running) + len(inproc.engine.waiting) < 2:
+            time.sleep(0.01)
+        others = list(pool.map(ask, range(4)))
+        plain, streamed = (f.result() for f in faulty)
+    assert met.is_set()  # the six decoded together
+    assert others == want
+    assert isinstance(plain, openai.InternalServerError) and plain.code == "generation_failed", plain
+    assert "injected fault" in plain.message
+    assert isinstance(streamed, openai.APIError) and "injected fault" in streamed.message, streamed
+    assert _wait_idle(inproc)["running"] == 0
+    monkeypatch.undo()
+    r = client.chat.completions.create(model=name, messages=chat(questions[0]), max_tokens=30, temperature=0)
+    assert r.choices[0].message.content == want[0]
+
+
+def test_sampling_settings_matter_and_a_seed_repeats(inproc, monkeypatch):
+    """A seeded sampled reply is `model.generate`'s (do_sample, after `torch.manual_seed(seed)`), alone and decoding
+    in one batch beside other requests; seed, temperature and top_p each change it; temperature 0, and a top_p so
+    small that only the likeliest token is left, give the greedy reply."""
+    question, name, client = "Name a fruit.", inproc.served.name, inproc.client()
+    settings = [
+        {"seed": 7, "temperature": 1.0},
+        {"seed": 8, "temperature": 1.0},
+        {"seed": 7, "temperature": 0.5},
+        {"seed": 7, "temperature": 1.0, "top_p": 0.5},
+    ]
+    want = [tiny_expected(inproc, question, 20, **s) for s in settings]
+    greedy = tiny_expected(inproc, question, 20)
+    assert len({*want, greedy}) == 5  # the random model's distribution is flat: every setting changes the reply
+
+    def ask(sampling):
+        r = client.chat.completions.create(model=name, messages=chat(question), max_tokens=20, **sampling)
+        return r.choices[0].message.content
+
+    assert [ask(s) for s in settings] == want
+    assert ask({"temperature": 0, "seed": 7}) == ask({"temperature": 1.0, "top_p": 1e-9, "seed": 9}) == greedy
+    before = len(inproc.lines)
+    met = hold_first_sample(monkeypatch, inproc, together=5)
+    with ThreadPoolExecutor(5) as pool:
+        sampled = [pool.submit(ask, s) for s in settings]
+        while len(inproc.engine.running) + len(inproc.engine.waiting) < 1:
+            time.sleep(0.01)
+        assert ask({"temperature": 0}) == greedy
+        assert [f.result() for f in sampled] == want
+    assert met.is_set() and re.findall(r"batch=(\d+)", "\n".join(inproc.lines[before:])) == ["5"] * 5
+
+
+def test_out_of_range_seed_and_temperature(inproc):
+    """OpenAI's `seed` is an int64 and `temperature` is in [0, 2]: other values are a 400 naming the field (a seed
+    past int64 used to fail the whole running batch); a temperature below 1e-5 decodes greedily (it used to divide
+    the logits into inf), the int64 edges sample as `torch.manual_seed` seeds."""
+    name, client = inproc.served.name, inproc.client()
+
+    def ask(**kwargs):
+        r = client.chat.completions.create(model=name, messages=chat("Say hi."), max_tokens=10, **kwargs)
+        return r.choices[0].message.content
+
+    bad = [{"seed": 2**64}, {"seed": 2**63}, {"seed": -(2**63) - 1}, {"seed": 1e23}, {"seed": 1.5}]
+    for body in bad + [{"temperature": 2.5}, {"temperature": -0.1}, {"temperature": 1e-45, "top_p": 0}]:
+        with pytest.raises(openai.BadRequestError) as raised:
+            ask(**{"temperature": 1.0, **body})
+        assert raised.value.param in body, (body, raised.value.body)
+    greedy = tiny_expected(inproc, "Say hi.", 10)
+    for temperature in (1e-45, 5e-324, 1e-6):
+        assert ask(temperature=temperature, seed=2**63 - 1) == greedy
+    for seed in (2**63 - 1, -(2**63)):
+        assert ask(temperature=1.0, seed=seed) == tiny_expected(inproc, "Say hi.", 10, seed=seed, temperature=1.0)
+    assert _wait_idle(inproc)["running"] == 0
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(inproc, monkeypatch):
+    """While one prompt is being tokenized (held here on an Event: a 20 MB one takes seconds), /health answers and a
+    running stream decodes to its end: neither the event loop nor the decoding worker waits for the tokenizer."""
+    name, served = inproc.served.name, inproc.served
+    entered, release, real = threading.Event(), threading.Event(), served.tokenizer
+
+    class Held:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def __call__(self, *args, **kwargs):
+            entered.set()
+            release.wait(60)
+            return real(*args, **kwargs)
+
+    body = {"model": name, "messages": chat("Tell me a story."), "max_tokens": 200, "temperature": 0, "stream": True}
+    want = tiny_expected(inproc, "Tell me a story.", 200)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(base_url=inproc.url, headers=headers, trust_env=False, timeout=10) as http,
+        ThreadPoolExecutor(1) as pool,
+        http.stream("POST", "/v1/chat/completions", json=body) as stream,
+    ):
+        lines = stream.iter_lines()
+        first = next(lines)
+        monkeypatch.setattr(served, "tokenizer", Held())
+        try:
+            held = pool.submit(inproc.client().completions.create, model=name, prompt="Once", max_tokens=3)
+            assert entered.wait(30)
+            assert http.get("/health").json()["status"] == "ok"
+            events = [e for e in (first, *lines) if e]  # the whole stream, while the other prompt is tokenized
+            assert not held.done()
+        finally:
+            release.set()
+        assert held.result().choices[0].finish_reason == "length"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert events[-1] == "data: [DONE]" and payloads[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads) == want
+
+
+@pytest.mark.parametrize("flags", [["--seed", str(2**64)], ["--seed", str(-(2**63) - 1)], ["--temperature", "1e-45"]])
+def test_generate_checks_seed_and_temperature_as_serve_does(tiny_model_dir, monkeypatch, flags):
+    """`ftune generate --do-sample` with a seed past int64 or a temperature below 1e-5 is exit 2 naming the flag,
+    before the model loads (it was an exit 1 from torch after loading)."""
+    from typer.testing import CliRunner
+
+    from finetune_cli import models
+    from finetune_cli.cli import app
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the flags' check"))
+    result = CliRunner().invoke(app, ["generate", str(tiny_model_dir), "-p", "hi", "--do-sample", *flags])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {flags[0]}"), result.output
 
 
 def test_bad_target_fails_before_listening(tmp_path):
