@@ -8,10 +8,11 @@ runs this). What it does, each command a subprocess of the real CLI with its own
   prompt tuning, each trained then `eval --compare-base`, `generate` and, for the adapters, `merge-adapter`
   and `eval` of the merged model; `eval --generate` and `ftune serve` (one request) on the LoRA run; fp16 with
   paged 8-bit AdamW and gradient checkpointing, QLoRA 8-bit, DPO, Liger kernels and `training.compile`;
-- then `benchmarks/gpu_throughput.py` (a ~1B Llama: LoRA, full, QLoRA vs the plain TRL script, Liger and
-  compile as switches) with whatever time is left.
+- then `benchmarks/gpu_throughput.py` (issue 31: a ~1B Llama, ftune vs the plain TRL script, step-timed, LoRA
+  variants, QLoRA and full) with whatever time is left.
 Writes OUT/results.json (each step: command, exit code, seconds, the end of its output, what it checked),
-OUT/check.log, OUT/bench.md and OUT/runs.tar.gz (run.json, metrics.jsonl, eval.json, logs of every run).
+OUT/check.log, OUT/bench.md, OUT/bench.jsonl, OUT/profile-*.txt and OUT/runs.tar.gz (run.json, metrics.jsonl,
+eval.json, logs of every run). `--no-functional`: the benchmark alone, with the whole budget (issue 31's run).
 `--cpu`: the same on a CPU with a 2-layer model and the CPU-only steps, to check this script before a GPU run.
 """
 
@@ -275,6 +276,7 @@ def main() -> None:
     p.add_argument("--functional", type=float, default=200, help="seconds for the functional chains at most")
     p.add_argument("--cpu", action="store_true", help="check the script on a CPU (tiny model, no CUDA steps)")
     p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--no-functional", action="store_true", help="skip the CLI chains: the benchmark alone")
     args = p.parse_args()
     global OUT, ENV
     out = OUT = Path(args.out)
@@ -292,10 +294,12 @@ def main() -> None:
         from finetune_cli import models
 
         tokenizer = models.resolve("smollm2-135m-instruct")
-    base = build_model(folder, tokenizer, TINY if args.cpu else SMOL)
-    log(f"model built at {base}")
-
-    threads = [threading.Thread(target=fn, name=name) for name, fn in chains(folder, base, args.cpu).items()]
+    todo = {}
+    if not args.no_functional:
+        base = build_model(folder, tokenizer, TINY if args.cpu else SMOL)
+        log(f"model built at {base}")
+        todo = chains(folder, base, args.cpu)
+    threads = [threading.Thread(target=fn, name=name) for name, fn in todo.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -306,8 +310,8 @@ def main() -> None:
 
     left = start + args.budget - time.time()
     if not args.no_bench and left > 60:
-        argv = [sys.executable, str(ROOT / "benchmarks/gpu_throughput.py"), "--repeats", "2", "--methods",
-                "lora,switches,qlora,full", "--tokenizer", tokenizer] + ["--tiny"] * args.cpu  # fmt: skip
+        argv = [sys.executable, str(ROOT / "benchmarks/gpu_throughput.py"), "--out", str(out), "--tokenizer",
+                tokenizer, "--budget", str(int(left - 30))] + ["--cpu"] * args.cpu  # fmt: skip
         log(f"benchmark with {left:.0f} s left")
         with open(out / "bench.md", "w") as md, open(out / "bench.err", "w") as err:  # written as it goes
             try:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Issue 22's one GPU run: install the carried wheels offline (the box lacks trl, datasets, bitsandbytes...), then
-# benchmarks/gpu_check.py. From the repo root on the GPU box: bash benchmarks/gpu_check.sh OUT [gpu_check.py options]
+# The one GPU run (issues 22, 31): install the carried wheels offline (the box lacks trl, datasets,
+# bitsandbytes...), then benchmarks/gpu_check.py. From the repo root on the GPU box:
+#   bash benchmarks/gpu_check.sh OUT [gpu_check.py options]
+# Issue 31's benchmark alone (about 8 minutes): bash benchmarks/gpu_check.sh OUT --no-functional
+# Checked first on a CPU (tiny model, about 15 minutes on 2 busy cores):
+#   OMP_NUM_THREADS=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh OUT --cpu --no-functional --budget 900
 # Prepared on a CPU machine first: what the box lacks as cp312 wheels in .whl/ (kept out of git):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \

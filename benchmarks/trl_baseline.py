@@ -3,7 +3,8 @@
 It trains the same model with the same LoRA settings on the same tokenized examples (input_ids and labels: a
 dataset that already has labels is used as is by TRL) for the same steps, batch and learning rate as the ftune
 recipe it is compared with. Everything else is TRL's and transformers' default (bf16 autocast where TRL turns
-it on, padded batches, random order). Prints one JSON line: train seconds, final loss, peak RSS.
+it on, padded batches, random order, gradient checkpointing). Prints one JSON line: train seconds, final loss, peak
+RSS, and the step-level figures of `profile_step.StepClock` (the same callback the ftune side runs with).
 
 Run: python benchmarks/trl_baseline.py --model DIR --data tokenized.jsonl --batch-size 4 --grad-accum 2 ...
 """
@@ -17,6 +18,7 @@ import time
 import datasets
 import torch
 from peft import LoraConfig
+from profile_step import StepClock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -35,6 +37,9 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="bf16=False: the one change a CPU user may know to make")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--qlora", action="store_true", help="QLoRA: the model loaded in 4-bit nf4 (bitsandbytes)")
+    p.add_argument("--profile-step", type=int, help="trace this step with torch.profiler")
+    p.add_argument("--sync-step", type=int, help="count this step's host syncs (CUDA)")
+    p.add_argument("--first-timed", type=int, default=5, help="the step-level figures leave out the steps before")
     args = p.parse_args()
 
     rows = [json.loads(line) for line in open(args.data)]
@@ -67,8 +72,9 @@ def main() -> None:
             if args.full
             else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
         )
+        clock = StepClock(args.grad_accum, args.profile_step, args.sync_step)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft)  # fmt: skip
+                             peft_config=peft, callbacks=[clock])  # fmt: skip
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -83,6 +89,12 @@ def main() -> None:
                 "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                 "bf16": config.bf16,
                 "torch_threads": torch.get_num_threads(),
+                "settings": {
+                    "packing": config.packing,
+                    "gradient_checkpointing": config.gradient_checkpointing,
+                    "compile": config.torch_compile,
+                },
+                **clock.summary(args.first_timed),
             }
         )
     )
