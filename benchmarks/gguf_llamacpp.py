@@ -39,7 +39,7 @@ for ids in job["sequences"]:
     out["argmax"].append(np.asarray(llm.scores[: len(ids)]).argmax(-1).tolist())
 for prompt in job["prompts"]:
     llm.reset()
-    r = llm.create_completion(prompt, max_tokens=job["max_tokens"], temperature=0.0, top_k=1)
+    r = llm.create_completion(prompt, max_tokens=job["max_tokens"], temperature=0.0, top_k=1, repeat_penalty=1.0)
     out["answers"].append({"text": r["choices"][0]["text"], "finish": r["choices"][0]["finish_reason"]})
 print(json.dumps(out))
 """
@@ -75,9 +75,7 @@ def main() -> None:
     model, tokenizer = rundir.load(str(run))
     model.eval()
     found = rundir.open_target(str(run))
-    eval_path = Path(found.recipe.data.eval)  # the quickstart recipe names its eval file
-    if not eval_path.is_absolute():
-        eval_path = ROOT / "recipes" / eval_path
+    eval_path = Path(found.recipe.data.eval)  # a run's recipe.yaml holds its data paths resolved
     rows = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()][:4]
     chats = [[m for m in r["messages"] if m["role"] != "assistant"][:2] for r in rows]
     prompts = [render(tokenizer, c, add_generation_prompt=True) for c in chats]
@@ -96,8 +94,8 @@ def main() -> None:
         f"`ftune export {run} --format gguf`, then llama.cpp (llama-cpp-python) against the merged HF model on "
         f"{len(rows)} quickstart eval conversations.",
         "",
-        "| quant | file MiB | export s | peak RSS MiB | ftune check | tokens equal | argmax agreement "
-        "| answers equal | stopped by itself |",
+        "| quant | file MiB | export s | peak RSS MiB | ftune check: mean KL, agreement | tokens equal "
+        "| argmax agreement | answers equal | stopped by itself |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for quant in args.quants:
@@ -127,7 +125,8 @@ def main() -> None:
         check = info.get("check") or {}
         lines.append(
             f"| {quant} | {info['size_bytes'] / 2**20:.1f} | {info['seconds']:.1f} | {info['peak_rss_mib']} | "
-            f"{check.get('agreement', '-')} | {got['tokens'] == hf_tokens} | {same / total:.4f} ({total}) | "
+            f"{check.get('kl', '-')}, {check.get('agreement', '-')} | {got['tokens'] == hf_tokens} | "
+            f"{same / total:.4f} ({total}) | "
             f"{answers_equal}/{len(prompts)} | {stopped}/{len(prompts)} |"
         )
     print("\n".join(lines) + "\n")

@@ -203,7 +203,7 @@ def eval_(
         from finetune_cli import predict
 
         wanted = predict.check_metrics(metrics)
-        gen.check_sampling(do_sample, temperature, top_p)
+        gen.check_sampling(do_sample, temperature, top_p, seed)
         if base or stride is not None or max_length is not None:
             raise FtuneError(
                 "--generate scores the tuned model (and --compare-base the base); drop --base, --stride, --max-length"
@@ -266,17 +266,23 @@ def export_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Export TARGET (adapters merged in float32 first) for llama.cpp, Ollama and LM Studio, and check the file."""
-    if format_ != "gguf":
-        raise FtuneError(f"--format: {format_!r}; expected gguf")
     from finetune_cli import gguf_export
 
-    result = gguf_export.export(target, str(output), quant, overwrite, check)
+    try:
+        if format_ != "gguf":
+            raise FtuneError(f"--format: {format_!r}; expected gguf")
+        result = gguf_export.export(target, str(output), quant, overwrite, check)
+    except FtuneError as exc:  # --json: the error (and a failed check's figures) on stdout too
+        failed = getattr(exc, "check", None)
+        _emit({"error": str(exc), "exit_code": exc.exit_code, "check": failed and failed.dump()}, as_json)
+        raise
 
     def render(r):
         c = r.get("check")
         checked = (
-            f"; check: tokenization identical, next-token agreement {c['agreement']:.3f} over {c['positions']} "
-            f"positions (>= {c['threshold']})"
+            f"; check: tokenization identical, mean KL divergence {c['kl']:.4f} (<= {c['kl_threshold']}), same top "
+            f"token at {c['agreement']:.3f} of {c['confident_positions']} confident positions "
+            f"(>= {c['agreement_threshold']})"
             if c
             else "; not checked (--no-check)"
         )
@@ -304,7 +310,7 @@ def generate(
     from finetune_cli import generate as gen
     from finetune_cli import rundir
 
-    gen.check_sampling(do_sample, temperature, top_p)
+    gen.check_sampling(do_sample, temperature, top_p, seed)
     model, tokenizer = rundir.load(target)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     gen.reply(model, tokenizer, messages, max_new_tokens, do_sample, temperature, top_p, seed, on_text=_stream)
@@ -325,7 +331,7 @@ def chat(
     from finetune_cli import generate as gen
     from finetune_cli import rundir
 
-    gen.check_sampling(do_sample, temperature, top_p)
+    gen.check_sampling(do_sample, temperature, top_p, seed)
     model, tokenizer = rundir.load(target)
     messages = [{"role": "system", "content": system}] if system else []
     sys.stderr.write("chat: type a message; an empty line or Ctrl-D ends\n")
@@ -360,12 +366,16 @@ def serve(
     max_queue: int = typer.Option(
         64, "--max-queue", min=0, help="Most requests waiting beyond the batch; more are refused with 503."
     ),
+    max_request_bytes: int = typer.Option(
+        4 * 1024 * 1024, "--max-request-bytes", min=1, help="Largest request body; a larger one is refused with 413."
+    ),
 ):
     """Serve TARGETs behind an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from finetune_cli import serve as serving
 
     key = api_key or os.environ.get("FTUNE_API_KEY") or None
-    raise typer.Exit(serving.run(targets, host, port, key, max_batch, max_queue, _state["debug"]))
+    code = serving.run(targets, host, port, key, max_batch, max_queue, _state["debug"], None, max_request_bytes)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -5,6 +5,10 @@ Conversion follows llama.cpp's convert_hf_to_gguf.py where it matters: tensor na
 the Q/K row permutation of the llama layout, 1-D tensors and norms kept in F32, no output tensor for tied
 embeddings, rope/norm/context hyper-parameters, and the BPE pre-tokenizer named by the hash of how the tokenizer
 splits llama.cpp's probe text. Everything bad is refused before the model is loaded.
+
+The check loads the written file with transformers' own GGUF reader and compares its next-token distributions with
+the source model's (merged in float32) on a probe text: mean KL divergence, and top-1 agreement at the positions
+where the source is confident. A failed check exits 1 and writes nothing.
 """
 
 from __future__ import annotations
@@ -20,19 +24,28 @@ from finetune_cli import files, rundir
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.results import ExportCheck, ExportResult
 
-# quant name -> (GGMLQuantizationType name, LlamaFileType name, least next-token agreement the check accepts)
+# quant name -> (GGMLQuantizationType name, LlamaFileType name, largest mean KL divergence (nats) from the source
+# model's next-token distributions the check accepts, least top-1 agreement it accepts at confident positions).
+# Measured on the probe text with the SmolLM2-135M quickstart run (README, "What the GGUF check measures"): correct
+# files gave mean KL 0.00001 (f16), 0.0002 (bf16), 0.0024 (q8_0), 0.18 (q5_0), 0.63 (q4_0) and agreement 1.0, 1.0,
+# 1.0, 0.89, 0.70; broken q8_0 conversions gave mean KL 1.2 (layers 3 and 4's ffn_down swapped) to 7 (q_proj of
+# two layers swapped; Q/K permutation skipped: 3.8) and agreement 0.59 down to 0.06. f16 to q8_0 thresholds sit
+# about 10x above a correct file, so they catch every broken file measured; 4/5-bit blocks cost a 135M model
+# nearly as much as a swap of two middle layers, so their thresholds (about 3x a correct file) catch only grosser
+# breakage (permutation, swapped attention or late layers). q5_1 and q4_1 (finer) share q5_0's and q4_0's.
 QUANTS = {
-    "f32": ("F32", "ALL_F32", 0.99),
-    "f16": ("F16", "MOSTLY_F16", 0.99),
-    "bf16": ("BF16", "MOSTLY_BF16", 0.97),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0", 0.97),
-    # 4/5-bit blocks change many near-tied predictions of small models: the check reports the figure and only
-    # fails a file that disagrees on most positions (a broken conversion, not a lossy one).
-    "q5_0": ("Q5_0", "MOSTLY_Q5_0", 0.5),
-    "q5_1": ("Q5_1", "MOSTLY_Q5_1", 0.5),
-    "q4_0": ("Q4_0", "MOSTLY_Q4_0", 0.5),
-    "q4_1": ("Q4_1", "MOSTLY_Q4_1", 0.5),
+    "f32": ("F32", "ALL_F32", 0.001, 0.99),
+    "f16": ("F16", "MOSTLY_F16", 0.001, 0.99),
+    "bf16": ("BF16", "MOSTLY_BF16", 0.005, 0.98),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0", 0.03, 0.98),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0", 0.6, 0.75),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1", 0.6, 0.75),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0", 2.0, 0.5),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1", 2.0, 0.5),
 }
+# A position is confident when the source model's top token is at least this much more probable than its second.
+# Nearer ties flip under any rounding (a 135M model has many on any text), so they say nothing about the file.
+MARGIN = 0.1
 # model_type -> gguf architecture; llama.cpp converts Mistral with its llama graph (same layout, same permutation)
 ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 _PERMUTED = {"llama", "mistral"}  # rotary in the interleaved llama layout: q/k rows reordered as llama.cpp does
@@ -95,7 +108,7 @@ def export(target: str, out: str, quant: str = "q8_0", overwrite: bool = False, 
     family, default_system = template_family(tokenizer)
     eot = _end_of_turn(tokenizer)
     probe = _probe_ids(tokenizer) if check else None
-    expected = _source_predictions(model, probe) if check else None
+    expected = _log_probs(model, probe) if check else None
     with files.temporary_folder(folder) as tmp:
         plan = _write(tmp / filename, model, config, tokenizer, vocab, quant, name, found, eot)
         del model
@@ -562,12 +575,34 @@ def _probe_ids(tokenizer) -> list[int]:
     return tokenizer(_probe_text(tokenizer), add_special_tokens=False)["input_ids"]
 
 
-def _source_predictions(model, ids: list[int]) -> list[int]:
+def _log_probs(model, ids: list[int]):
+    """The model's next-token log-probabilities at every position of `ids`, in float32."""
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
-    return logits.argmax(-1).tolist()
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def compare(source, other) -> tuple[float, int, float]:
+    """(mean KL divergence KL(source || other) of the next-token distributions, in nats; the number of confident
+    positions, where the source's top token is at least MARGIN more probable than its second; the share of those
+    where `other` predicts the same top token, 1.0 where there are none) for two [positions, vocab] log-prob
+    tensors. A lossy file moves probabilities a little everywhere (small KL) and flips only near ties; a broken one
+    moves them a lot and flips confident predictions."""
+    p = source.exp()
+    kl = (p * (source - other)).sum(-1).mean().item()
+    top = p.topk(2, -1)
+    confident = top.values[:, 0] - top.values[:, 1] >= MARGIN
+    same = (top.indices[:, 0] == other.argmax(-1))[confident]
+    return kl, len(same), same.float().mean().item() if len(same) else 1.0
+
+
+class CheckFailed(FtuneError):
+    """The file was written but does not compute what the source model does; `check` holds the figures."""
+
+    def __init__(self, message: str, check: ExportCheck):
+        super().__init__(f"GGUF check failed: {message}; nothing was written", FAILED)
+        self.check = check
 
 
 def _apply_rope_freqs(model, path: Path) -> None:
@@ -589,12 +624,16 @@ def _apply_rope_freqs(model, path: Path) -> None:
     rotary.original_inv_freq = rotary.inv_freq
 
 
-def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], expected: list[int], quant: str):
-    """transformers' own GGUF loader (an independent reader) must tokenize like the source tokenizer and predict
-    the same next tokens on the probe text, to within the quant's threshold."""
+def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], expected, quant: str):
+    """transformers' own GGUF loader (an independent reader) must tokenize like the source tokenizer, and its
+    next-token distributions on the probe text must be as close to the source's (`expected`, log-probs) as the
+    quant's thresholds allow."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune_cli import models
+
+    models.quiet_gguf_loader()
     try:
         loaded_tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
         loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
@@ -604,31 +643,34 @@ def _check_runtime(folder: Path, filename: str, tokenizer, probe: list[int], exp
     _source_space_prefix(loaded_tokenizer, tokenizer)
     ids = loaded_tokenizer(_probe_text(tokenizer), add_special_tokens=False)["input_ids"]
     tokens_equal = ids == probe
-    with torch.no_grad():
-        logits = loaded(torch.tensor([probe])).logits[0]
-    got = logits.argmax(-1).tolist()
+    got = _log_probs(loaded, probe)
     del loaded
     gc.collect()
-    agreement = sum(a == b for a, b in zip(got, expected)) / len(expected)
-    threshold = QUANTS[quant][2]
+    kl, confident, agreement = compare(expected, got)
+    max_kl, least = QUANTS[quant][2:]
     check = ExportCheck(
         tokens_equal=tokens_equal,
-        positions=len(expected),
+        positions=len(probe),
+        kl=round(kl, 6),
+        kl_threshold=max_kl,
+        confident_positions=confident,
         agreement=round(agreement, 4),
-        threshold=threshold,
-        passed=tokens_equal and agreement >= threshold,
+        agreement_threshold=least,
+        passed=tokens_equal and kl <= max_kl and agreement >= least,
     )
     if not tokens_equal:
         first = next((i for i, (a, b) in enumerate(zip(ids, probe)) if a != b), min(len(ids), len(probe)))
-        raise FtuneError(
-            f"GGUF check failed: the file's tokenizer splits the probe text differently from the model's "
-            f"(first difference at token {first}); nothing was written",
-            FAILED,
+        raise CheckFailed(
+            f"the file's tokenizer splits the probe text differently from the model's (first difference at token "
+            f"{first})",
+            check,
         )
-    if agreement < threshold:
-        raise FtuneError(
-            f"GGUF check failed: next-token agreement {agreement:.3f} < {threshold} for {quant}; nothing was written",
-            FAILED,
+    if not check.passed:
+        raise CheckFailed(
+            f"next-token distributions differ from the source model's more than {quant} rounding does (mean KL "
+            f"divergence {kl:.4f}, at most {max_kl}; top-1 agreement {agreement:.3f} at {confident} confident "
+            f"positions, at least {least}): the conversion is broken",
+            check,
         )
     return check
 
@@ -769,9 +811,11 @@ def _readme(found: rundir.Target, filename: str, quant: str, family, check, conf
             "",
             "## Check",
             "",
-            f"Read back with transformers' GGUF loader: probe tokenization identical: {check.tokens_equal}; "
-            f"next-token agreement with the source model {check.agreement:.4f} over {check.positions} positions "
-            f"(threshold {check.threshold}).",
+            f"Read back with transformers' GGUF loader and compared with the source model on {check.positions} "
+            f"tokens of probe text: tokenization identical: {check.tokens_equal}; mean KL divergence of the "
+            f"next-token distributions {check.kl:.6f} (at most {check.kl_threshold}); same top token at "
+            f"{check.agreement:.4f} of {check.confident_positions} confident positions (at least "
+            f"{check.agreement_threshold}).",
         ]
     if found.adapter is not None and found.method:
         lines += ["", "## Method", "", "```json", json.dumps(found.method, indent=2), "```"]

@@ -72,6 +72,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_gguf_loader()
     with files.temporary_folder(target) as tmp:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -84,12 +85,23 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         model.config.name_or_path = str(gguf_path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        files.umask_modes(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process converted it first
             if not (target / "config.json").is_file():
                 raise
     return target
+
+
+def quiet_gguf_loader() -> None:
+    """transformers' GGUF loader draws its "Converting and de-quantizing GGUF tensors" bar with plain tqdm, which
+    ignores transformers' progress-bar switch: give it transformers' own tqdm, which follows the switch (off
+    unless --debug)."""
+    from transformers import modeling_gguf_pytorch_utils
+    from transformers.utils import logging as hf_logging
+
+    modeling_gguf_pytorch_utils.tqdm = hf_logging.tqdm
 
 
 def torch_dtype(name: str):

@@ -132,12 +132,16 @@ class ValidateReport(_Result):
 
 
 class ExportCheck(_Result):
-    """The GGUF read back by transformers' loader: probe tokenization and next-token argmax vs the source model."""
+    """The GGUF read back by transformers' loader vs the source model on the probe text: tokenization, mean KL
+    divergence of the next-token distributions, top-1 agreement where the source is confident (no near tie)."""
 
     tokens_equal: bool
     positions: int
+    kl: float
+    kl_threshold: float
+    confident_positions: int
     agreement: float
-    threshold: float
+    agreement_threshold: float
     passed: bool
 
 

@@ -7,15 +7,17 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from finetune_cli import gguf_export
 from finetune_cli.cli import app
 from finetune_cli.data import templates
 from finetune_cli.data.masking import render
-from tests.conftest import conversation, tiny_model, write_jsonl
+from tests.conftest import ROOT, conversation, tiny_model, write_jsonl
 
 runner = CliRunner()
+BAR = "Converting and de-quantizing"  # transformers' GGUF loader's progress bar: never in non-debug output
 
 
 def export(target, out, *args):
@@ -63,10 +65,11 @@ def fields(path: Path) -> dict:
 # A. Round trips through transformers' GGUF loader
 
 
-def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, tiny_model_dir, tokenizer):
+def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, monkeypatch, tiny_model_dir, tokenizer):
     out = tmp_path / "gguf"
-    info = exported(export(tiny_model_dir, out, "--quant", "f16"))
-    assert info["check"]["tokens_equal"] and info["check"]["agreement"] >= 0.99 and info["check"]["passed"]
+    result = export(tiny_model_dir, out, "--quant", "f16")
+    info = exported(result)
+    assert info["check"]["tokens_equal"] and info["check"]["passed"] and BAR not in result.stderr
     gguf_file = Path(info["file"])
     assert gguf_file.name == f"{tiny_model_dir.name}-f16.gguf"
     assert sorted(p.name for p in out.iterdir()) == [".ftune", "Modelfile", "README.md", gguf_file.name]
@@ -86,6 +89,11 @@ def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, tiny_mode
     modelfile = (out / "Modelfile").read_text()
     assert info["template"] == "chatml" and "<|im_start|>{{ .Role }}" in modelfile
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    # a .gguf as the model of a command is converted by transformers' loader too: no progress bar there either
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["generate", str(gguf_file), "--prompt", "Hi", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "gguf").is_dir() and BAR not in result.stderr
 
 
 def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path, tmp_path_factory, tokenizer):
@@ -159,14 +167,21 @@ def test_qwen2_q8_0_with_biases_and_untied_head(tmp_path, tmp_path_factory, toke
 
 
 def test_mistral_is_written_with_the_llama_layout(tmp_path, tmp_path_factory, tokenizer):
-    """Mistral runs on llama.cpp's llama graph: same names, permutation and types as the llama file, whose numbers
-    the transformers check above verifies (here --no-check keeps the suite fast)."""
-    info = exported(
-        export(tiny(tmp_path_factory, tokenizer, "mistral"), tmp_path / "gguf", "--quant", "f16", "--no-check")
-    )
+    """Mistral runs on llama.cpp's llama graph: same names, permutation and types as a llama file. The whole model
+    read back by transformers (as a llama) gives the source Mistral's logits to within f16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    source = tiny(tmp_path_factory, tokenizer, "mistral")
+    info = exported(export(source, tmp_path / "gguf", "--quant", "f16", "--no-check"))
     assert info["architecture"] == "mistral" and info["check"] is None
     meta = fields(Path(info["file"]))
-    assert meta["general.architecture"] == "llama" and meta["tensors"]["blk.0.attn_k.weight"] == "F16"
+    assert meta["general.architecture"] == "llama" and set(meta["tensors"].values()) == {"F16", "F32"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=Path(info["file"]).name)
+    ids = tokenizer(gguf_export._PROBE_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(source)(ids).logits
+        got = loaded(ids).logits
+    assert want.std() > 0.05 and (got - want).abs().max() < 2e-3
 
 
 def test_lora_run_is_merged_then_exported_with_modelfile_and_readme(tmp_path, lora_run):
@@ -183,6 +198,81 @@ def test_lora_run_is_merged_then_exported_with_modelfile_and_readme(tmp_path, lo
     readme = (out / "README.md").read_text()
     assert "llama-cli" in readme and "ollama create" in readme and "LM Studio" in readme
     assert "## Recipe" in readme and "chat_template: chatml" in readme
+
+
+# The check on a real model: the demo's default export passes and computes what plain PEFT's merge computes; a
+# broken conversion fails it (exit 1, nothing written). The quickstart run is shared and trained once per session.
+
+
+def eval_log_probs(model, tokenizer):
+    """Next-token log-probs on the first 4 quickstart eval conversations, chat-templated (about 430 tokens)."""
+    rows = (ROOT / "recipes" / "data" / "quickstart" / "eval.jsonl").read_text().splitlines()[:4]
+    text = "".join(tokenizer.apply_chat_template(json.loads(r)["messages"], tokenize=False) for r in rows)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return torch.log_softmax(model(ids).logits[0].float(), -1)
+
+
+def mean_kl(p, q) -> float:
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@pytest.mark.slow
+def test_demo_export_passes_and_computes_what_plain_peft_merged_computes(
+    tmp_path, quickstart_run, builtin_dir, tokenizer
+):
+    """The command `make demo` prints (default q8_0) on the quickstart run (trained at fp32 here; the bf16-trained
+    demo run is measured in README). The file, loaded by transformers' GGUF reader, against PEFT's own merge
+    (PeftModel.merge_and_unload, no ftune code) and against the base, on the eval conversations."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = quickstart_run[0]
+    out = tmp_path / "gguf"
+    result = runner.invoke(app, ["export", str(run), "--format", "gguf", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stderr and BAR not in result.stderr
+    (gguf_file,) = out.glob("*-q8_0.gguf")
+    loaded = eval_log_probs(AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(builtin_dir)
+    base_lp = eval_log_probs(base, tokenizer)
+    peft = eval_log_probs(PeftModel.from_pretrained(base, run / "adapter").merge_and_unload(), tokenizer)
+    to_peft, to_base = mean_kl(peft, loaded), mean_kl(peft, base_lp)
+    assert to_peft < to_base / 20, (to_peft, to_base)
+    same = (loaded.argmax(-1) == peft.argmax(-1)).float().mean().item()
+    assert same > 0.95 and same > (base_lp.argmax(-1) == peft.argmax(-1)).float().mean().item() + 0.1
+
+
+def swapped(first: str, second: str):
+    """gguf_export._tensors with two tensors' data exchanged (same shape, names kept): a broken converter."""
+    real = gguf_export._tensors
+
+    def tensors(model, config):
+        items = list(real(model, config))
+        get = {name: g for name, _, g in items}
+        for name, shape, g in items:
+            yield name, shape, get[second] if name == first else get[first] if name == second else g
+
+    return tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["q/k permutation skipped", "two layers' ffn_down swapped"])
+def test_a_broken_conversion_fails_the_check_exit_1_nothing_written(tmp_path, monkeypatch, quickstart_run, broken):
+    if broken.startswith("q/k"):
+        monkeypatch.setattr(gguf_export, "_permute", lambda w, n_head: w)
+    else:
+        layers = "model.layers.{}.mlp.down_proj.weight"
+        monkeypatch.setattr(gguf_export, "_tensors", swapped(layers.format(3), layers.format(4)))
+    out = tmp_path / "exports" / "gguf"
+    result = export(quickstart_run[0], out)  # the default q8_0, with --json
+    assert result.exit_code == 1, result.output
+    failed = json.loads(result.stdout)  # --json: the error and the check's figures on stdout too
+    assert failed["exit_code"] == 1 and failed["error"].startswith("GGUF check failed")
+    assert result.stderr.strip().splitlines()[-1] == f"error: {failed['error']}" and "Traceback" not in result.output
+    check = failed["check"]
+    assert check["tokens_equal"] and not check["passed"] and check["kl"] > 10 * check["kl_threshold"]
+    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []  # no file, no temporary folder
 
 
 # SentencePiece-style tokenizers (Llama 2, Mistral v0.1-v0.3, TinyLlama): BPE with byte fallback over ▁-escaped text
@@ -310,7 +400,7 @@ def test_sentencepiece_llama_f16_round_trip_tokenizer_scores_and_metadata(tmp_pa
     out = tmp_path / "gguf"
     info = exported(export(spm_model, out, "--quant", "f16"))
     check = info["check"]
-    assert check["tokens_equal"] and check["agreement"] >= 0.99 and check["passed"] and check["positions"] > 200
+    assert check["tokens_equal"] and check["passed"] and check["positions"] > 200
     assert info["architecture"] == "llama" and info["end_of_turn"] == ["</s>"]
     gguf_file = Path(info["file"])
     reader = gguf.GGUFReader(gguf_file)
@@ -369,7 +459,7 @@ def test_sentencepiece_legacy_mistral_tokenizer_is_checked_with_its_own_space_ru
     source = AutoTokenizer.from_pretrained(folder)
     assert source.backend_tokenizer.normalizer is not None  # Mistral's legacy tokenizer.json, loaded as it is
     info = exported(export(folder, tmp_path / "gguf", "--quant", "f16"))
-    assert info["check"]["tokens_equal"] and info["check"]["passed"] and info["check"]["agreement"] >= 0.99
+    assert info["check"]["tokens_equal"] and info["check"]["passed"]
     loaded = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=Path(info["file"]).name)
     text = "</s>[INST] after"
     assert loaded(text)["input_ids"] != source(text)["input_ids"]  # why the check applies the source's rule
