@@ -39,13 +39,19 @@ _last: tuple = (None, [])  # the bounds tensor of the forward in progress and it
 
 
 def _edges(bounds) -> list[int]:
-    """The example boundaries as Python ints, read once per forward: every layer gets the same tensor, and each
-    read of a GPU tensor waits for the GPU (22 waits a forward of a 22-layer model instead of 1). The tensor itself
-    is kept, so an identity match can never be a new tensor at a reused address."""
-    global _last
+    """The example boundaries as Python ints: those the trainer gave for this tensor (`known`, from the CPU), else
+    read once per forward: every layer gets the same tensor, and each read of a GPU tensor waits for the GPU (22
+    waits a forward of a 22-layer model instead of 1). The tensor itself is kept, so an identity match can never
+    be a new tensor at a reused address."""
     if _last[0] is not bounds:
-        _last = (bounds, _to_list(bounds))
+        known(bounds, _to_list(bounds))
     return _last[1]
+
+
+def known(bounds, edges: list[int]) -> None:
+    """The values of the bounds tensor the next forward gets, as the collator computed them on the CPU."""
+    global _last
+    _last = (bounds, edges)
 
 
 def _to_list(bounds) -> list[int]:

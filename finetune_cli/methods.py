@@ -140,3 +140,11 @@ def count_parameters(model) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def exact_without_input_casts(method, precision_name: str) -> bool:
+    """Whether PEFT's cast of every LoRA input to the adapter's dtype (fp32) and back can be skipped in training
+    (peft.helpers.disable_input_dtype_casting): under bf16/fp16 autocast the adapter's matmuls run in the autocast
+    dtype either way, so the fp32 copy is an exact round trip that costs only memory traffic. Not with dropout (it
+    would act on the other dtype), nor without autocast (a bf16 input would meet fp32 weights)."""
+    return method.name in ("lora", "qlora") and precision_name in ("bf16", "fp16") and method.dropout == 0

@@ -13,6 +13,20 @@ from __future__ import annotations
 _ROW_KEYS = ("input_ids", "labels", "position_ids", "seq_idx")  # (1, tokens) tensors, cut along the row
 _BOUND_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 _MAX_KEYS = ("max_length_q", "max_length_k")
+EDGES = "ftune_edges"  # the row's example bounds as Python ints, added on the CPU by with_edges
+
+
+def with_edges(collate):
+    """The padding-free collator, adding each row's example bounds as a list of ints (EDGES): read here, on the
+    CPU where the collator built them, they cost nothing; read from a GPU tensor they wait for the GPU."""
+
+    def collate_with_edges(examples):
+        batch = collate(examples)
+        if "cu_seq_lens_q" in batch:
+            batch[EDGES] = batch["cu_seq_lens_q"].tolist()
+        return batch
+
+    return collate_with_edges
 
 
 def resolve(setting, cuda: bool) -> int | None:
@@ -36,26 +50,26 @@ def groups(bounds: list[int], budget: int) -> list[tuple[int, int]]:
 
 
 def split(inputs: dict, budget: int | None) -> list[dict]:
-    """The sub-rows of a padding-free batch under `budget` tokens; anything else (padded batches, no budget,
-    a row that fits, keys we do not know how to cut) comes back whole, as a one-item list."""
-    bounds = inputs.get("cu_seq_lens_q")
-    if budget is None or bounds is None or set(inputs) - {*_ROW_KEYS, *_BOUND_KEYS, *_MAX_KEYS}:
+    """The sub-rows of a padding-free batch (with its EDGES) under `budget` tokens; anything else (padded batches,
+    no budget, a row that fits, keys we do not know how to cut) comes back whole, as a one-item list."""
+    bounds, edges = inputs.get("cu_seq_lens_q"), inputs.get(EDGES)
+    if budget is None or edges is None or set(inputs) - {*_ROW_KEYS, *_BOUND_KEYS, *_MAX_KEYS, EDGES}:
         return [inputs]
     if inputs["input_ids"].shape[0] != 1 or inputs["input_ids"].shape[1] <= budget:
         return [inputs]
-    edges = bounds.tolist()
     parts = []
     for first, last in groups(edges, budget):
         a, b = edges[first], edges[last]
         part = {k: inputs[k][:, a:b] for k in _ROW_KEYS if k in inputs}
         if "seq_idx" in part:
             part["seq_idx"] = part["seq_idx"] - first
-        cut = bounds[first : last + 1] - a
+        cut = bounds[first : last + 1] - a  # on the tensor's device: no wait
+        part[EDGES] = [e - a for e in edges[first : last + 1]]
         for k in _BOUND_KEYS:
             if k in inputs:
                 part[k] = cut
         for k in _MAX_KEYS:
             if k in inputs:
-                part[k] = int(cut.diff().max())
+                part[k] = max(e - d for d, e in zip(part[EDGES], part[EDGES][1:]))
         parts.append(part)
     return parts

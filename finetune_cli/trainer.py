@@ -10,6 +10,11 @@ listed here, with why, and the test that fails if an upgrade breaks it:
 - `Trainer.training_step(model, inputs, num_items_in_batch)` and `accelerator.no_sync` (FtuneTrainer): a
   packed micro-batch runs as several passes whose losses are normalised by the step's token count.
   tests/test_speed.py (same gradients for whole rows and 64-token passes; DDP at budget 32 equals one process).
+- `Trainer._track_num_input_tokens(inputs)`, `Trainer.log` and `Trainer._save_checkpoint(model, trial)`
+  (FtuneTrainer): the tokens-seen count stays on the device until it is logged or saved; `SFTConfig.padding_free`
+  and `Trainer.data_collator` (wrapped by microbatch.with_edges); PEFT's `disable_input_dtype_casting` (it sets
+  each tuner layer's `cast_input_dtype_enabled`). tests/test_speedpaths.py (no host syncs of ours in a step, the
+  epoch's tokens counted; bit-identical LoRA losses and gradients without the casts).
 - `accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")` (save_artifact): FSDP gathers the
   whole state dict before saving. tests/test_distributed.py (test_fsdp_writes_the_whole_adapter).
 - `SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, padding_free=...)`: TRL takes our tokenized
@@ -58,24 +63,59 @@ from finetune_cli.perplexity import corpus_nll
 
 
 class FtuneTrainer(SFTTrainer):
-    """TRL's SFTTrainer, running each packed micro-batch as token-budget passes (`micro_batch_tokens`)."""
+    """TRL's SFTTrainer, running each packed micro-batch as token-budget passes (`micro_batch_tokens`), with the
+    host waits for the GPU it can avoid avoided: example bounds come from the CPU (microbatch.with_edges), the
+    tokens-seen count is read when it is logged or saved, and LoRA inputs skip PEFT's fp32 round trip where that
+    is exact (`exact_lora_inputs`, methods.exact_without_input_casts)."""
 
-    def __init__(self, *args, micro_batch_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, micro_batch_tokens: int | None = None, exact_lora_inputs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.micro_batch_tokens = micro_batch_tokens
+        self.exact_lora_inputs = exact_lora_inputs
+        self.tokens_pending = 0  # tokens seen since the last read, on the device
+        if self.args.padding_free:
+            self.data_collator = microbatch.with_edges(self.data_collator)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        from peft.helpers import disable_input_dtype_casting
+
         sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         # Without the step's token count each pass would be its own mean; sharded engines count their own
         # backward passes: both keep the whole row.
         parts = [inputs] if num_items_in_batch is None or sharded else microbatch.split(inputs, self.micro_batch_tokens)
         total = None
         for i, part in enumerate(parts):
+            part = dict(part)
+            edges = part.pop(microbatch.EDGES, None)
+            if edges is not None:
+                attention.known(part["cu_seq_lens_q"], edges)
             last = i == len(parts) - 1  # gradients are all-reduced once, with the last pass of the micro-batch
             with nullcontext() if last else self.accelerator.no_sync(model):
-                loss = super().training_step(model, part, num_items_in_batch)
+                with disable_input_dtype_casting(model, active=self.exact_lora_inputs):
+                    loss = super().training_step(model, part, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
+
+    def _track_num_input_tokens(self, inputs):
+        """The count `include_num_input_tokens_seen` asks for ("all" when packed, "non_padding" padded), kept on the
+        device: transformers reads it every micro-batch, a wait for the GPU each time."""
+        mask = inputs.get("attention_mask")
+        self.tokens_pending = self.tokens_pending + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+
+    def _read_tokens_seen(self):
+        import torch
+
+        pending, self.tokens_pending = self.tokens_pending, 0
+        count = torch.as_tensor(pending, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum())
+
+    def log(self, logs, start_time=None):
+        self._read_tokens_seen()  # every rank logs (the loss is gathered there too)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self._read_tokens_seen()  # trainer_state.json holds the count a resumed run continues from
+        super()._save_checkpoint(model, trial)
 
 
 def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
@@ -151,6 +191,7 @@ def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict],
         peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),
         micro_batch_tokens=micro_batch_tokens(recipe),
+        exact_lora_inputs=methods.exact_without_input_casts(method, methods.precision(t.precision)),
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
