@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from finetune_cli import generate, predict, rundir
+from finetune_cli import rundir
+from finetune_cli.evaluation import predict
+from finetune_cli.inference import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def main() -> None:
             if name == "one":
                 replies, tokens = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
             else:
-                replies, tokens = predict.generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+                replies, tokens = generate.replies(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
             speeds[name].append(tokens / (time.perf_counter() - started))
             answers[name] = replies
     one, batched = statistics.median(speeds["one"]), statistics.median(speeds["batched"])

@@ -18,7 +18,7 @@ import torch
 from finetune_cli import models
 from finetune_cli.data import jsonl
 from finetune_cli.data.masking import IGNORE, tokenize_all
-from finetune_cli.perplexity import corpus_nll
+from finetune_cli.evaluation.perplexity import corpus_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 

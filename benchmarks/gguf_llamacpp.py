@@ -69,8 +69,9 @@ def main() -> None:
 
     import torch
 
-    from finetune_cli import generate, rundir
+    from finetune_cli import rundir
     from finetune_cli.data.masking import render
+    from finetune_cli.inference import generate
 
     model, tokenizer = rundir.load(str(run))
     model.eval()

@@ -10,7 +10,7 @@ step with torch.profiler (top kernels by CUDA time, or operators by CPU time on 
 sync-debug steps belong in the warm-up steps, which `summary` leaves out of the timed figures.
 
 `benchmarks/trl_baseline.py` attaches it to the plain TRL script; run as a script, this file runs `ftune train`'s
-own code (`finetune_cli.train.run`, what the CLI calls) with it attached:
+own code (`finetune_cli.training.train.run`, what the CLI calls) with it attached:
 
     python benchmarks/profile_step.py RECIPE.yaml [--set training.packing=false ...] [--profile-step 3]
         [--sync-step 4] [--json OUT.json]
@@ -146,7 +146,8 @@ def main() -> None:
     p.add_argument("--first-timed", type=int, default=5)
     p.add_argument("--json", type=Path, help="write the summary here")
     args = p.parse_args()
-    from finetune_cli import rundir, train, trainer
+    from finetune_cli import rundir
+    from finetune_cli.training import train, trainer
 
     recipe = rundir.load_recipe(args.recipe, args.sets, False)
     clock = StepClock(recipe.training.gradient_accumulation, args.profile_step, args.sync_step)

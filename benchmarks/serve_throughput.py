@@ -105,7 +105,8 @@ def main() -> None:
         proc.wait(30)
     batches = [int(b) for b in re.findall(r"batch=(\d+)", log.read_text())]
 
-    from finetune_cli import generate, rundir
+    from finetune_cli import rundir
+    from finetune_cli.inference import generate
 
     model, tok = rundir.load(MODEL)
     messages = [{"role": "user", "content": LONE}]

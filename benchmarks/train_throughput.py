@@ -183,7 +183,7 @@ def main() -> None:
     tokenized, counts = tokenize(data, folder)
     default = recipe(folder, data, "ftune", {})
 
-    from finetune_cli.methods import cpu_has_native_bf16
+    from finetune_cli.training.methods import cpu_has_native_bf16
 
     # TRL's default on CPU is bf16 autocast. Without native bf16 (AMX / AVX512-BF16) a bf16 matmul is emulated
     # (measured below): a 4-step run did not finish in 17 minutes, so the baseline here is TRL with bf16=False,

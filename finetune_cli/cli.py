@@ -102,7 +102,7 @@ def _emit(result, as_json: bool, render=None) -> None:
 
 def _rank() -> str:
     """'rank N: ' in the error lines of a distributed run's other processes."""
-    from finetune_cli import launch
+    from finetune_cli.training import launch
 
     return "" if launch.is_main() else f"rank {launch.rank()}: "
 
@@ -129,8 +129,9 @@ def train(
     ),
 ):
     """Train a model as RECIPE says and write the run directory."""
-    from finetune_cli import launch, rundir, ui
-    from finetune_cli import train as training
+    from finetune_cli import rundir, ui
+    from finetune_cli.training import launch
+    from finetune_cli.training import train as training
 
     overrides = list(set_ or []) + ([f"distributed.num_processes={num_processes}"] if num_processes else [])
     resolved = rundir.load_recipe(recipe_path, overrides, resume)
@@ -196,11 +197,12 @@ def eval_(
 ):
     """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set; with --generate, task metrics
     of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON)."""
-    from finetune_cli import evaluate, ui
+    from finetune_cli import ui
+    from finetune_cli.evaluation import evaluate
 
     if generate:
-        from finetune_cli import generate as gen
-        from finetune_cli import predict
+        from finetune_cli.evaluation import predict
+        from finetune_cli.inference import generate as gen
 
         wanted = predict.check_metrics(metrics)
         gen.check_sampling(do_sample, temperature, top_p, seed)
@@ -245,9 +247,9 @@ def merge_adapter(
     """Fold a LoRA/QLoRA adapter into its full-precision base; write a plain transformers model folder."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise FtuneError(f"--dtype: {dtype!r}; expected float32, bfloat16 or float16")
-    from finetune_cli import export
+    from finetune_cli.export import merge
 
-    result = export.merge(source, str(output), base, dtype, max_shard_size, overwrite)
+    result = merge.merge(source, str(output), base, dtype, max_shard_size, overwrite)
     _emit(
         result,
         as_json,
@@ -266,7 +268,7 @@ def export_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Export TARGET (adapters merged in float32 first) for llama.cpp, Ollama and LM Studio, and check the file."""
-    from finetune_cli import gguf_export
+    from finetune_cli.export import gguf_export
 
     try:
         if format_ != "gguf":
@@ -307,8 +309,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
 ):
     """Reply to one prompt with TARGET, rendered with its chat template; the reply streams to stdout."""
-    from finetune_cli import generate as gen
     from finetune_cli import rundir
+    from finetune_cli.inference import generate as gen
 
     gen.check_sampling(do_sample, temperature, top_p, seed)
     model, tokenizer = rundir.load(target)
@@ -328,8 +330,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
 ):
     """Keep a conversation going with TARGET in the terminal (an empty line or Ctrl-D ends it)."""
-    from finetune_cli import generate as gen
     from finetune_cli import rundir
+    from finetune_cli.inference import generate as gen
 
     gen.check_sampling(do_sample, temperature, top_p, seed)
     model, tokenizer = rundir.load(target)
@@ -371,7 +373,7 @@ def serve(
     ),
 ):
     """Serve TARGETs behind an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from finetune_cli import serve as serving
+    from finetune_cli.serving import server as serving
 
     key = api_key or os.environ.get("FTUNE_API_KEY") or None
     code = serving.run(targets, host, port, key, max_batch, max_queue, _state["debug"], None, max_request_bytes)
@@ -386,7 +388,7 @@ def validate(
 ):
     """Check a recipe and every data line without loading weights; exit 1 when a line is bad."""
     from finetune_cli import recipe, ui
-    from finetune_cli import validate as checks
+    from finetune_cli.training import validate as checks
 
     report = checks.validate(recipe.load(recipe_path, set_ or []))
     _emit(report, as_json, ui.validate_report)
@@ -404,7 +406,7 @@ def preview(
 ):
     """Show training examples as the model sees them: learned tokens highlighted, token boundaries visible."""
     from finetune_cli import recipe, ui
-    from finetune_cli import validate as checks
+    from finetune_cli.training import validate as checks
 
     examples = checks.preview(recipe.load(recipe_path, set_ or []), index, count)
     _emit(examples, as_json, ui.preview)

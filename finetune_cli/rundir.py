@@ -343,9 +343,9 @@ def recipe_changes(folder: Path, recipe: dict) -> list[str] | None:
         return None
     now = _flatten(recipe)
     if now.get("training.packing") == "auto" and isinstance(saved.get("training.packing"), bool):
-        from finetune_cli import trainer  # a run from before `auto`: the same if auto means the same here
+        from finetune_cli import hardware  # a run from before `auto`: the same if auto means the same here
 
-        now["training.packing"] = trainer.packing_default()
+        now["training.packing"] = hardware.packing_default()
     added = _added_defaults(saved, now)
     return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in _PER_MACHINE | added)
 
@@ -458,10 +458,8 @@ def start_point(base: str) -> Target | None:
         return None
     found = open_target(str(path))
     if found.adapter is not None:
-        from finetune_cli import export
-
         try:
-            export.check_lora(found.adapter)  # prompt tuning's virtual tokens cannot be merged into weights
+            check_lora(found.adapter)  # prompt tuning's virtual tokens cannot be merged into weights
         except FtuneError as exc:
             raise FtuneError(f"model.base: {base} cannot be a starting point: {exc}") from None
     return found
@@ -538,3 +536,14 @@ def _check_safetensors(path: Path) -> None:
             pass
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise FtuneError(f"{path} is corrupt or truncated ({exc}); restore it or train again") from None
+
+
+def check_lora(adapter: Path) -> None:
+    """Only LoRA adapters change weights; prompt tuning (and other virtual-token methods) cannot be folded in."""
+    config = read_json(adapter / "adapter_config.json", "an adapter folder needs PEFT's config")
+    if config.get("peft_type") != "LORA":
+        raise FtuneError(
+            f"{adapter}: a {config.get('peft_type', 'non-LoRA').lower()} adapter cannot be merged: it adds virtual "
+            "tokens in front of the input rather than changing weights. Use the adapter folder itself with "
+            "peft.PeftModel.from_pretrained(base, adapter)"
+        )

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from finetune_cli import launch
 from finetune_cli import recipe as recipes
 from finetune_cli.cli import app
+from finetune_cli.training import launch
 from tests.conftest import conversation, write_jsonl
 
 FTUNE = Path(sys.executable).parent / "ftune"
@@ -276,7 +276,12 @@ def test_presets_are_accepted_by_accelerate(strategy, method, kind):
     )
     recipe.distributed.strategy = strategy
     cmd = launch.command(recipe, ["train", "recipe.yaml"])
-    assert cmd[1:3] == ["-m", "finetune_cli.launch"] and cmd[-4:] == ["-m", "finetune_cli", "train", "recipe.yaml"]
+    assert cmd[1:3] == ["-m", "finetune_cli.training.launch"] and cmd[-4:] == [
+        "-m",
+        "finetune_cli",
+        "train",
+        "recipe.yaml",
+    ]
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
     assert defaults.distributed_type.name == kind
     assert (args.num_processes, args.num_machines, args.machine_rank) == (4, 2, 1)

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from finetune_cli.cli import app
-from finetune_cli.perplexity import windows
+from finetune_cli.evaluation.perplexity import windows
 from tests.conftest import conversation, write_jsonl
 
 runner = CliRunner()

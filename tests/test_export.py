@@ -67,8 +67,9 @@ def test_lora_merge_matches_plain_peft(quickstart_run, quickstart_merged, builti
 def test_qlora_merges_into_full_precision_weights(tmp_path, builtin_dir, qlora_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune_cli import methods, models
+    from finetune_cli import models
     from finetune_cli.recipe import QloraMethod
+    from finetune_cli.training import methods
 
     run = qlora_run[0]
     result = invoke("merge-adapter", run, "--output", tmp_path / "merged")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune_cli import gguf_export
 from finetune_cli.cli import app
 from finetune_cli.data import templates
 from finetune_cli.data.masking import render
+from finetune_cli.export import gguf_check, gguf_ollama, gguf_vocab, gguf_writer
 from tests.conftest import ROOT, conversation, tiny_model, write_jsonl
 
 runner = CliRunner()
@@ -83,7 +83,7 @@ def test_llama_f16_round_trip_tokenizer_weights_and_metadata(tmp_path, monkeypat
     assert "output.weight" not in meta["tensors"]  # tied embeddings: llama.cpp reuses token_embd
     assert meta["tensors"]["blk.0.attn_norm.weight"] == "F32" and meta["tensors"]["blk.0.attn_q.weight"] == "F16"
     # the check's probe holds special tokens, unicode, digits and runs of whitespace: tokens_equal covers them
-    probe = gguf_export._probe_text(tokenizer)
+    probe = gguf_check._probe_text(tokenizer)
     assert "<|im_start|>" in probe and "我想" in probe and "1,000,000" in probe and "   " in probe and "\t" in probe
     # SmolLM2's own template is ChatML that writes a default system turn: TEMPLATE chatml, SYSTEM that default
     modelfile = (out / "Modelfile").read_text()
@@ -131,7 +131,7 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path, tmp_pa
 
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file=Path(info["file"]).name)
     plain = loaded.model.rotary_emb.inv_freq.clone()
-    gguf_export._apply_rope_freqs(loaded, Path(info["file"]))
+    gguf_check._apply_rope_freqs(loaded, Path(info["file"]))
     want = AutoModelForCausalLM.from_pretrained(source).model.rotary_emb.inv_freq
     torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, want, rtol=1e-6, atol=0)
     assert not torch.allclose(plain, want)  # without the factors the frequencies would be wrong
@@ -177,7 +177,7 @@ def test_mistral_is_written_with_the_llama_layout(tmp_path, tmp_path_factory, to
     meta = fields(Path(info["file"]))
     assert meta["general.architecture"] == "llama" and set(meta["tensors"].values()) == {"F16", "F32"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=Path(info["file"]).name)
-    ids = tokenizer(gguf_export._PROBE_TEXT, return_tensors="pt")["input_ids"]
+    ids = tokenizer(gguf_check._PROBE_TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(source)(ids).logits
         got = loaded(ids).logits
@@ -244,8 +244,8 @@ def test_demo_export_passes_and_computes_what_plain_peft_merged_computes(
 
 
 def swapped(first: str, second: str):
-    """gguf_export._tensors with two tensors' data exchanged (same shape, names kept): a broken converter."""
-    real = gguf_export._tensors
+    """gguf_writer._tensors with two tensors' data exchanged (same shape, names kept): a broken converter."""
+    real = gguf_writer._tensors
 
     def tensors(model, config):
         items = list(real(model, config))
@@ -260,10 +260,10 @@ def swapped(first: str, second: str):
 @pytest.mark.parametrize("broken", ["q/k permutation skipped", "two layers' ffn_down swapped"])
 def test_a_broken_conversion_fails_the_check_exit_1_nothing_written(tmp_path, monkeypatch, quickstart_run, broken):
     if broken.startswith("q/k"):
-        monkeypatch.setattr(gguf_export, "_permute", lambda w, n_head: w)
+        monkeypatch.setattr(gguf_writer, "_permute", lambda w, n_head: w)
     else:
         layers = "model.layers.{}.mlp.down_proj.weight"
-        monkeypatch.setattr(gguf_export, "_tensors", swapped(layers.format(3), layers.format(4)))
+        monkeypatch.setattr(gguf_writer, "_tensors", swapped(layers.format(3), layers.format(4)))
     out = tmp_path / "exports" / "gguf"
     result = export(quickstart_run[0], out)  # the default q8_0, with --json
     assert result.exit_code == 1, result.output
@@ -299,7 +299,7 @@ def spm_corpus() -> list[str]:
     rng = random.Random(0)
     syllables = "the an in er on re at st en ka to ri mu sel qu ing ou pl Zo ë ü é ç на що ли бъ λέ ξη κα 我 想 在 工作"
     pieces = syllables.split() + ["Ελληνικά", "Български", "apple", "café", "naïve"]
-    lines = [gguf_export._PROBE_TEXT]
+    lines = [gguf_check._PROBE_TEXT]
     for _ in range(300):
         words = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(3, 9))]
         words += [str(rng.randint(0, 9999))] * rng.randint(0, 1)
@@ -435,7 +435,7 @@ def test_sentencepiece_llama_f16_round_trip_tokenizer_scores_and_metadata(tmp_pa
     assert any(len(t) > 3 for t in source.tokenize(SPM_STRINGS[1]))  # merges at work, not bytes and characters
     # llama.cpp's own algorithm on the file's tokens and scores, on text escaped as the source escapes it (where
     # the leading ▁ goes is llama.cpp's rule, not the file's: see the legacy test below)
-    for text in SPM_STRINGS[1:5] + [gguf_export._PROBE_TEXT]:
+    for text in SPM_STRINGS[1:5] + [gguf_check._PROBE_TEXT]:
         escaped = SPACE + text.replace(" ", SPACE)
         assert spm_encode(tokens, scores, escaped) == source(text, add_special_tokens=False)["input_ids"], text
 
@@ -463,7 +463,7 @@ def test_sentencepiece_legacy_mistral_tokenizer_is_checked_with_its_own_space_ru
     loaded = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=Path(info["file"]).name)
     text = "</s>[INST] after"
     assert loaded(text)["input_ids"] != source(text)["input_ids"]  # why the check applies the source's rule
-    gguf_export._source_space_prefix(loaded, source)
+    gguf_vocab._source_space_prefix(loaded, source)
     for text in SPM_STRINGS:
         assert loaded(text)["input_ids"] == source(text)["input_ids"], text
     # and llama.cpp's rule (a ▁ before each run of text, doubled before a leading space) is this tokenizer's
@@ -564,34 +564,34 @@ def go_render(template: str, messages: list[dict]) -> str:
     return block(None, None)
 
 
-@pytest.mark.parametrize("family", sorted(gguf_export.OLLAMA_TEMPLATES))
+@pytest.mark.parametrize("family", sorted(gguf_ollama.OLLAMA_TEMPLATES))
 @pytest.mark.parametrize("system", [True, False])
 def test_modelfile_template_renders_like_the_chat_template(tokenizer, family, system):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = templates.TEMPLATES[family]  # rendering only: the markers need not be tokens here
     messages = conversation(7, system=system, turns=2)["messages"] + [{"role": "user", "content": "And 2 + 2?"}]
     add_bos = False  # SmolLM2's tokenizer adds no BOS: the template writes all of it
-    text = go_render(gguf_export.ollama_template(family, tok.eos_token, add_bos, tok.bos_token), messages)
+    text = go_render(gguf_ollama.ollama_template(family, tok.eos_token, add_bos, tok.bos_token), messages)
     assert text == render(tok, messages, add_generation_prompt=True)
 
 
 def test_a_template_with_a_default_system_turn_maps_to_its_family_and_that_system(tokenizer):
     """SmolLM2's own template writes a system turn when a conversation has none; Ollama puts the Modelfile's
     SYSTEM first in such a conversation, so TEMPLATE chatml + SYSTEM renders exactly the same prompt."""
-    family, default = gguf_export.template_family(tokenizer)
+    family, default = gguf_ollama.template_family(tokenizer)
     assert family == "chatml" and default == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    template = gguf_export.ollama_template(family, tokenizer.eos_token, False, tokenizer.bos_token)
+    template = gguf_ollama.ollama_template(family, tokenizer.eos_token, False, tokenizer.bos_token)
     for system in (True, False):
         messages = conversation(3, system=system, turns=2)["messages"] + [{"role": "user", "content": "More?"}]
         ollama = messages if system else [{"role": "system", "content": default}, *messages]
         assert go_render(template, ollama) == render(tokenizer, messages, add_generation_prompt=True)
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    assert gguf_export.template_family(tok) == (None, None)  # no known equivalent: no TEMPLATE
+    assert gguf_ollama.template_family(tok) == (None, None)  # no known equivalent: no TEMPLATE
 
 
 def test_a_literal_bos_is_left_to_the_runtime_when_the_file_adds_one():
-    text = gguf_export.ollama_template("llama3", "<|eot_id|>", True, "<|begin_of_text|>")
+    text = gguf_ollama.ollama_template("llama3", "<|eot_id|>", True, "<|begin_of_text|>")
     assert text.startswith("{{ range .Messages }}<|start_header_id|>")
 
 

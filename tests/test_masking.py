@@ -139,7 +139,7 @@ def test_end_of_turn_learned_when_it_is_the_pad_token(tiny_recipe, tokenizer, pa
     from transformers import TrainerCallback
 
     from finetune_cli import recipe as recipes
-    from finetune_cli import train
+    from finetune_cli.training import train
 
     assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 

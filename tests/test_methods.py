@@ -73,8 +73,9 @@ def test_lora_with_dora_and_rslora(tmp_path, builtin_dir, base_logits):
 def test_qlora_base_is_4bit(qlora_run, builtin_dir, base_logits):
     from transformers import AutoModelForCausalLM
 
-    from finetune_cli import methods, models
+    from finetune_cli import models
     from finetune_cli.recipe import QloraMethod
+    from finetune_cli.training import methods
 
     quantized = models.load_model(str(builtin_dir), quantization=methods.quantization_config(QloraMethod(), "float32"))
     full = AutoModelForCausalLM.from_pretrained(builtin_dir)
@@ -173,8 +174,9 @@ def test_4bit_training_layout_restored_after_cpu_repacking(tiny_model_dir, cpu_o
     (double-quantized) state, the same function."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from finetune_cli import methods, models
+    from finetune_cli import models
     from finetune_cli.recipe import QloraMethod
+    from finetune_cli.training import methods
 
     model = models.load_model(str(tiny_model_dir), quantization=methods.quantization_config(QloraMethod(), "float32"))
     model.train()  # no repacking in training mode, on any CPU
@@ -211,7 +213,7 @@ def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, 
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
 
     from finetune_cli import recipe as recipes
-    from finetune_cli import train
+    from finetune_cli.training import train
 
     plain = bnb.nn.Linear4bit.forward
     events = Counter()
@@ -250,8 +252,9 @@ def test_4bit_layers_train_in_the_training_layout_after_every_eval(tiny_recipe, 
 def test_bitsandbytes_repacks_on_this_cpu_and_restoring_keeps_the_function(tiny_model_dir, cpu_only):
     """Where the instruction exists: a real eval forward repacks (what the tests above simulate), and after
     `restore_training_layout` the training forward computes what the packed kernel computed."""
-    from finetune_cli import methods, models
+    from finetune_cli import models
     from finetune_cli.recipe import QloraMethod
+    from finetune_cli.training import methods
 
     model = models.load_model(str(tiny_model_dir), quantization=methods.quantization_config(QloraMethod(), "float32"))
     ids = torch.tensor([[1, 2, 3, 4, 5]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from finetune_cli import methods, train
 from finetune_cli import recipe as recipes
+from finetune_cli.training import methods, train
 
 
 class ForwardDtype(TrainerCallback):

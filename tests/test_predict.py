@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from finetune_cli import predict
 from finetune_cli.cli import app
+from finetune_cli.evaluation import predict
 from tests.conftest import ROOT, write_jsonl
 
 runner = CliRunner()
@@ -101,7 +101,8 @@ def test_batched_answers_equal_one_at_a_time_and_exact_match_rises(quickstart_ru
     a partial batch of mixed prompt lengths) equals `generate.reply` on the same messages (`ftune generate`)."""
     from peft import PeftModel
 
-    from finetune_cli import generate, rundir
+    from finetune_cli import rundir
+    from finetune_cli.inference import generate
 
     run = quickstart_run[0]
     rows = [json.loads(x) for x in (ROOT / "recipes/data/quickstart/eval.jsonl").read_text().splitlines()[:4]]

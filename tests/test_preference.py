@@ -57,9 +57,9 @@ def test_preference_lines_in_every_form_and_bad_lines_by_kind(tmp_path):
 
 
 def test_scored_tokens_are_the_reply_and_its_end_of_turn(tokenizer):
-    from finetune_cli import preference
+    from finetune_cli.data import formats, preference
 
-    record = preference.convert(pair(5, "messages"), "x:1")
+    record = formats.convert_pair(pair(5, "messages"), "x:1")
     ex, truncated = preference.tokenize_pair(tokenizer, record, 512)
     assert not truncated
     assert tokenizer.decode(ex["chosen_ids"]) == "The answer is 6.<|im_end|>"  # no newline, no second EOS
@@ -76,14 +76,15 @@ def test_pair_metrics_equal_an_independent_computation(tiny_model_dir, tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune_cli import preference
+    from finetune_cli.data import formats, preference
+    from finetune_cli.evaluation import pairwise
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    records = [preference.convert(pair(i, "messages"), f"x:{i}") for i in range(5)]
+    records = [formats.convert_pair(pair(i, "messages"), f"x:{i}") for i in range(5)]
     examples = [preference.tokenize_pair(tokenizer, r, 512)[0] for r in records]
-    got = preference.pair_metrics(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    got = pairwise.pair_metrics(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
 
     def logp(prompt, reply) -> float:  # the template rendered by the tokenizer; the reply closes with <|im_end|>
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -123,7 +124,7 @@ def dpo_run(tmp_path_factory, tiny_model_dir):
     from transformers import TrainerCallback
 
     from finetune_cli import recipe as recipes
-    from finetune_cli import train as training
+    from finetune_cli.training import train as training
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):

@@ -351,7 +351,7 @@ mixed_precision: 'no'
 @pytest.fixture
 def captured_launch(monkeypatch):
     """`ftune train` up to the `accelerate launch` it runs (not started: two CPU ranks would take too long)."""
-    from finetune_cli import launch
+    from finetune_cli.training import launch
 
     calls = []
 
@@ -685,7 +685,7 @@ def test_checkpoint_rotation_never_holds_more_than_the_limit_at_any_kill_point(t
     old one leaves, so a kill there leaves 2); at the end, the newest `limit`."""
     import shutil
 
-    from finetune_cli.trainer import Checkpoints
+    from finetune_cli.training.trainer import Checkpoints
 
     folder = tmp_path / rundir.CHECKPOINTS
     listings = []

@@ -236,7 +236,7 @@ def test_checkpoint_at_each_epoch_end(recipe, tmp_path):
 
 def test_second_ctrl_c_interrupts_at_once():
     """The first SIGINT asks for a checkpoint at the end of the step; a second one raises at once."""
-    from finetune_cli.train import _StopRequest
+    from finetune_cli.training.train import _StopRequest
 
     previous = signal.getsignal(signal.SIGINT)
     stop = _StopRequest()
@@ -258,7 +258,7 @@ def test_interrupt_inside_training_marks_the_run(recipe, tmp_path):
     from transformers import TrainerCallback
 
     from finetune_cli import recipe as recipes
-    from finetune_cli import train
+    from finetune_cli.training import train
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):

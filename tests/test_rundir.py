@@ -288,7 +288,7 @@ def interrupted_run(recipe, out, at_step):
     from transformers import TrainerCallback
 
     from finetune_cli import recipe as recipes
-    from finetune_cli import train as training
+    from finetune_cli.training import train as training
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -367,7 +367,7 @@ def test_signal_during_final_samples_completes_the_run(setup, tmp_path, monkeypa
     """SIGTERM while the tuned model answers the sample prompts: the adapter is saved, so the run is completed,
     and --resume says so instead of failing on the saved adapter."""
     from finetune_cli import recipe as recipes
-    from finetune_cli import train as training
+    from finetune_cli.training import train as training
 
     recipe, _ = setup
     out = tmp_path / "run"

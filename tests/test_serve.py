@@ -437,13 +437,14 @@ class InProcess(Server):
     def __init__(self, model_dir: Path, max_request_bytes: int):
         import uvicorn
 
-        from finetune_cli import serve
+        from finetune_cli.serving import app as serve
+        from finetune_cli.serving import engine, served, server
 
         self.lines = []
-        self.engine = serve.Engine(serve.load([str(model_dir)]), max_batch=8, max_queue=8)
+        self.engine = engine.Engine(served.load([str(model_dir)]), max_batch=8, max_queue=8)
         self.served = self.engine.served[model_dir.name]
         app = serve.create_app(self.engine, KEY, self.lines.append, max_request_bytes)
-        sock = serve.bind("127.0.0.1", 0)
+        sock = server.bind("127.0.0.1", 0)
         sock.listen(64)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
@@ -492,7 +493,7 @@ def hold_first_sample(monkeypatch, srv: InProcess, together: int, fail_seeds=())
     """Patch the sampler: the first sampled token waits (the worker with it) until `together` requests are in, so
     they decode as one batch (the Event returned is set once they do); a request whose seed is in `fail_seeds`
     raises then, at its third token (a fault in one request, mid-generation)."""
-    from finetune_cli import batching
+    from finetune_cli.inference import batching
 
     real, met, engine = batching._sample, threading.Event(), srv.engine
 
@@ -677,8 +678,8 @@ def test_bad_target_fails_before_listening(tmp_path):
 
 def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """The prompts through serve's decoder, `batch_size` at a time, each joining as soon as there is room."""
-    from finetune_cli import batching
     from finetune_cli.data.masking import end_of_turn_ids
+    from finetune_cli.inference import batching
 
     stops, penalty = frozenset(end_of_turn_ids(tokenizer)), batching.repetition_penalty(model)
     seqs = [batching.Sequence(list(p), max_new_tokens, stops, repetition_penalty=penalty) for p in prompts]
@@ -699,8 +700,8 @@ def test_batched_greedy_equals_one_by_one(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune_cli import batching
     from finetune_cli.data.masking import end_of_turn_ids
+    from finetune_cli.inference import batching
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -734,7 +735,7 @@ def test_batched_greedy_equals_one_by_one(tiny_model_dir):
 def test_streamed_text_adds_up_to_the_reply(tokenizer, text, stops, strip, final):
     """What streams token by token joins to the final reply: cut before a stop text, stripped for chat, and never
     a piece that a later token takes back (half a UTF-8 character, a space before punctuation)."""
-    from finetune_cli.serve import Text
+    from finetune_cli.serving.engine import Text
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     reply, pieces, stopped = Text(tokenizer, stops, strip), [], False

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune_cli import models
+from finetune_cli import hardware, models
 from finetune_cli import recipe as recipes
-from finetune_cli import trainer as trainers
 from finetune_cli.data import jsonl
 from finetune_cli.data.masking import IGNORE, tokenize_all
-from finetune_cli.microbatch import resolve, split
+from finetune_cli.training import trainer as trainers
+from finetune_cli.training.microbatch import resolve, split
 from tests.conftest import conversation, write_jsonl
 
 
@@ -220,7 +220,7 @@ def test_packing_auto_packs_on_cpu_and_pads_on_gpus(setup, tiny_model_dir, tmp_p
     recipe = recipes.Recipe.model_validate({"model": {"base": str(tiny_model_dir)},
                                             "data": {"train": str(folder / "train.jsonl")}})  # fmt: skip
     assert recipe.training.packing == "auto"
-    monkeypatch.setattr(trainers, "cuda", lambda: False)  # a CPU machine, also on a GPU box
+    monkeypatch.setattr(hardware, "cuda", lambda: False)  # a CPU machine, also on a GPU box
     assert trainers.packing_applies(recipe)
     assert "position_ids" in next(iter(trainer_for(setup, tiny_model_dir, tmp_path).get_train_dataloader()))
     old = recipe.model_dump(mode="json")
@@ -228,7 +228,7 @@ def test_packing_auto_packs_on_cpu_and_pads_on_gpus(setup, tiny_model_dir, tmp_p
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
     assert rundir.recipe_changes(tmp_path, recipe.model_dump(mode="json")) == []
 
-    monkeypatch.setattr(trainers, "cuda", lambda: True)
+    monkeypatch.setattr(hardware, "cuda", lambda: True)
     assert not trainers.packing_applies(recipe)
     assert rundir.recipe_changes(tmp_path, recipe.model_dump(mode="json")) == ["training.packing"]
     forced = recipe.model_copy(update={"training": recipe.training.model_copy(update={"packing": True})})
@@ -238,7 +238,7 @@ def test_packing_auto_packs_on_cpu_and_pads_on_gpus(setup, tiny_model_dir, tmp_p
 def test_packed_attention_reads_the_example_bounds_once_per_forward(setup, tiny_model_dir, tmp_path, monkeypatch):
     """Each read of the bounds tensor waits for a GPU; every layer of a forward gets the same tensor, so it is read
     once a forward (the GPU check measured packed rows at half TRL's speed when each layer read it)."""
-    from finetune_cli import attention
+    from finetune_cli.training import attention
 
     reads = []
     original = attention._to_list

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from finetune_cli import methods
+from finetune_cli.training import methods
 from tests import test_speed
 from tests.test_speed import trainer_for
 

@@ -211,7 +211,7 @@ def make_probe():
 
 def probe_run(recipe_path, overrides):
     from finetune_cli import recipe as recipes
-    from finetune_cli import train
+    from finetune_cli.training import train
 
     probe = make_probe()
     base = ["training.max_steps=2", "data.eval="]  # no eval: only training forwards are counted

@@ -128,9 +128,7 @@ def convert(record, fmt: str, where: str) -> dict:
     if found is not None and found != fmt and not kto:
         raise LineError("other format", where, f"this line is in {found} format but the file is {fmt}")
     if fmt in ("preference", "unpaired_preference"):
-        from finetune_cli import preference
-
-        return (preference.convert if fmt == "preference" else preference.convert_unpaired)(record, where)
+        return (convert_pair if fmt == "preference" else convert_unpaired)(record, where)
     if fmt == "text":
         text = _field(record, "text", where)
         if not text.strip():
@@ -263,3 +261,72 @@ def _short(value) -> str:
     """A value from the data as an error shows it, cut so that one bad line stays one readable line."""
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+
+
+PAIR_FIELDS = ("chosen", "rejected")
+
+
+def convert_pair(record: dict, where: str) -> dict:
+    """One preference line as {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}; raise LineError.
+
+    Explicit prompt: {"prompt", "chosen", "rejected"} as strings (a user turn, assistant replies) or message lists.
+    Implicit prompt: "chosen" and "rejected" are two whole conversations; their shared first messages are the
+    prompt. Other fields are ignored."""
+    for key in PAIR_FIELDS:
+        if key not in record:
+            raise LineError(f"missing {key}", where, f'missing field "{key}": a preference pair needs both replies')
+    if "prompt" in record:
+        prompt = _turns(record, "prompt", "user", where)
+        chosen, rejected = _turns(record, "chosen", "assistant", where), _turns(record, "rejected", "assistant", where)
+    else:
+        whole = [_turns(record, key, "assistant", where) for key in PAIR_FIELDS]
+        shared = 0
+        while shared < min(map(len, whole)) - 1 and whole[0][shared] == whole[1][shared]:
+            shared += 1
+        prompt, chosen, rejected = whole[0][:shared], whole[0][shared:], whole[1][shared:]
+    if not prompt or not any(m["content"].strip() for m in prompt):
+        raise LineError(
+            "no prompt",
+            where,
+            'no prompt: give a "prompt" field, or chosen and rejected conversations that start with the same messages',
+        )
+    for key, reply in zip(PAIR_FIELDS, (chosen, rejected)):
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise LineError("wrong message order", where, f'"{key}" must be one assistant reply to the prompt')
+        reply[0].pop("train", None)
+    check(prompt + chosen, where)
+    check(prompt + rejected, where)
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise LineError("chosen equals rejected", where, "chosen and rejected are the same reply; a pair must differ")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _turns(record: dict, key: str, role: str, where: str) -> list[dict]:
+    value = record[key]
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):  # a single message object
+        return _messages({key: [value]}, key, where)
+    if isinstance(value, list):
+        return _messages(record, key, where)
+    raise LineError("wrong type", where, f'"{key}" must be a string or a list of messages')
+
+
+def convert_unpaired(record: dict, where: str) -> dict:
+    """One KTO line {"prompt", "completion", "label": true|false} as {"prompt": [...], "completion": [assistant],
+    "label": bool}; raise LineError. Other fields are ignored."""
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise LineError(
+                f"missing {key}", where, f'missing field "{key}": a KTO line needs prompt, completion, label'
+            )
+    if not isinstance(record.get("label"), bool):
+        raise LineError("wrong type", where, '"label" must be true (a desirable reply) or false (an undesirable one)')
+    prompt, completion = _turns(record, "prompt", "user", where), _turns(record, "completion", "assistant", where)
+    if not any(m["content"].strip() for m in prompt):
+        raise LineError("no prompt", where, 'no prompt: "prompt" is empty')
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise LineError("wrong message order", where, '"completion" must be one assistant reply to the prompt')
+    completion[0].pop("train", None)
+    check(prompt + completion, where)
+    return {"prompt": prompt, "completion": completion, "label": record["label"]}

@@ -1,6 +1,7 @@
-"""Preference data for the DPO, ORPO and KTO objectives: pairs (a better and a worse reply to one prompt) and
-KTO's unpaired replies labelled desirable or not; tokenizing them with the chat template exactly as SFT does, and
-the pair metrics (`accuracy`, `margin`) that training's eval and `ftune eval` report.
+"""Preference data for the DPO, ORPO and KTO objectives, tokenized with the chat template
+exactly as SFT is: pairs (a better and a worse reply to one prompt) and KTO's unpaired replies labelled
+desirable or not, their checks and counts. The shapes of their lines are `formats`; their metrics
+`evaluation.pairwise`.
 
 A pair's scored tokens are its reply and the end-of-turn token that closes it (masking.learned_spans on the
 last assistant turn): the template's trailing newline and any EOS it would add again are never scored.
@@ -8,81 +9,12 @@ last assistant turn): the template's trailing newline and any EOS it would add a
 
 from __future__ import annotations
 
-from typing import Callable
-
-from finetune_cli.data.formats import LineError, _messages, check
+from finetune_cli.data import formats
 from finetune_cli.data.masking import IGNORE, tokenize
 from finetune_cli.errors import FtuneError
 
-FIELDS = ("chosen", "rejected")
 OBJECTIVES = ("dpo", "orpo", "kto")  # the objectives that train on preference data
 UNLIMITED = 1 << 40
-
-
-def convert(record: dict, where: str) -> dict:
-    """One preference line as {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}; raise LineError.
-
-    Explicit prompt: {"prompt", "chosen", "rejected"} as strings (a user turn, assistant replies) or message lists.
-    Implicit prompt: "chosen" and "rejected" are two whole conversations; their shared first messages are the
-    prompt. Other fields are ignored."""
-    for key in FIELDS:
-        if key not in record:
-            raise LineError(f"missing {key}", where, f'missing field "{key}": a preference pair needs both replies')
-    if "prompt" in record:
-        prompt = _part(record, "prompt", "user", where)
-        chosen, rejected = _part(record, "chosen", "assistant", where), _part(record, "rejected", "assistant", where)
-    else:
-        whole = [_part(record, key, "assistant", where) for key in FIELDS]
-        shared = 0
-        while shared < min(map(len, whole)) - 1 and whole[0][shared] == whole[1][shared]:
-            shared += 1
-        prompt, chosen, rejected = whole[0][:shared], whole[0][shared:], whole[1][shared:]
-    if not prompt or not any(m["content"].strip() for m in prompt):
-        raise LineError(
-            "no prompt",
-            where,
-            'no prompt: give a "prompt" field, or chosen and rejected conversations that start with the same messages',
-        )
-    for key, reply in zip(FIELDS, (chosen, rejected)):
-        if len(reply) != 1 or reply[0]["role"] != "assistant":
-            raise LineError("wrong message order", where, f'"{key}" must be one assistant reply to the prompt')
-        reply[0].pop("train", None)
-    check(prompt + chosen, where)
-    check(prompt + rejected, where)
-    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
-        raise LineError("chosen equals rejected", where, "chosen and rejected are the same reply; a pair must differ")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _part(record: dict, key: str, role: str, where: str) -> list[dict]:
-    value = record[key]
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, dict):  # a single message object
-        return _messages({key: [value]}, key, where)
-    if isinstance(value, list):
-        return _messages(record, key, where)
-    raise LineError("wrong type", where, f'"{key}" must be a string or a list of messages')
-
-
-def convert_unpaired(record: dict, where: str) -> dict:
-    """One KTO line {"prompt", "completion", "label": true|false} as {"prompt": [...], "completion": [assistant],
-    "label": bool}; raise LineError. Other fields are ignored."""
-    for key in ("prompt", "completion"):
-        if key not in record:
-            raise LineError(
-                f"missing {key}", where, f'missing field "{key}": a KTO line needs prompt, completion, label'
-            )
-    if not isinstance(record.get("label"), bool):
-        raise LineError("wrong type", where, '"label" must be true (a desirable reply) or false (an undesirable one)')
-    prompt, completion = _part(record, "prompt", "user", where), _part(record, "completion", "assistant", where)
-    if not any(m["content"].strip() for m in prompt):
-        raise LineError("no prompt", where, 'no prompt: "prompt" is empty')
-    if len(completion) != 1 or completion[0]["role"] != "assistant":
-        raise LineError("wrong message order", where, '"completion" must be one assistant reply to the prompt')
-    completion[0].pop("train", None)
-    check(prompt + completion, where)
-    return {"prompt": prompt, "completion": completion, "label": record["label"]}
 
 
 def is_pairs(records: list[dict]) -> bool:
@@ -203,7 +135,7 @@ def count(tokenizer, record: dict, max_length: int, system_prompt: str | None = 
 
 def part_stats(counts: list[dict], spread) -> dict:
     """Token spreads of prompts, chosen and rejected replies (before truncation)."""
-    parts = [p for p in ("prompt", *FIELDS, "completion") if any(p in c for c in counts)]
+    parts = [p for p in ("prompt", *formats.PAIR_FIELDS, "completion") if any(p in c for c in counts)]
     return {f"{part}_tokens": spread([c[part] for c in counts if part in c]) for part in parts}
 
 
@@ -243,53 +175,3 @@ def tokenize_all(
         "cache": "off",
     }
     return examples, stats
-
-
-def reply_logps(
-    model, examples: list[dict], batch_size: int = 8, pad_token_id: int = 0, on_batch: Callable[[int], None] = None
-) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed log-probabilities of each pair's scored reply tokens given its prompt."""
-    import torch
-
-    from finetune_cli.perplexity import _without_autocast
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = [(e["prompt_ids"], e[key]) for e in examples for key in ("chosen_ids", "rejected_ids")]
-    sums = []
-    with torch.no_grad(), _without_autocast(model):
-        for start in range(0, len(rows), 2 * batch_size):
-            batch = rows[start : start + 2 * batch_size]
-            width = max(len(p) + len(r) for p, r in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            scored = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, (prompt, reply) in enumerate(batch):
-                n = len(prompt) + len(reply)
-                ids[row, :n] = torch.tensor(prompt + reply)
-                mask[row, :n] = 1
-                scored[row, len(prompt) : n] = True
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -width:]
-            logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token = logps.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            sums += (token.double() * scored[:, 1:].to(device)).sum(dim=1).tolist()
-            if on_batch:
-                on_batch(len(batch) // 2)
-    if was_training:
-        model.train()
-    return list(zip(sums[0::2], sums[1::2]))
-
-
-def pair_metrics(model, examples: list[dict], batch_size: int = 8, pad_token_id: int = 0, on_batch=None) -> dict:
-    """`accuracy`: the fraction of pairs whose chosen reply is more likely than the rejected one; `margin`: the
-    mean difference of their summed log-probabilities."""
-    pairs = reply_logps(model, examples, batch_size, pad_token_id, on_batch)
-    diffs = [c - r for c, r in pairs]
-    return {
-        "pairs": len(pairs),
-        "accuracy": sum(d > 0 for d in diffs) / len(diffs) if diffs else float("nan"),
-        "margin": sum(diffs) / len(diffs) if diffs else float("nan"),
-        "chosen_logps": sum(c for c, _ in pairs) / len(pairs) if pairs else float("nan"),
-        "rejected_logps": sum(r for _, r in pairs) / len(pairs) if pairs else float("nan"),
-    }

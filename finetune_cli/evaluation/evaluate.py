@@ -1,5 +1,5 @@
 """`ftune eval`: perplexity of a run, adapter, model folder or base model on its eval data or other data, and with
-`--generate` task metrics of the answers it generates (finetune_cli.predict)."""
+`--generate` task metrics of the answers it generates (finetune_cli.evaluation.predict)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import models, preference, rundir
-from finetune_cli.data import jsonl, sources
+from finetune_cli import models, rundir
+from finetune_cli.data import jsonl, preference, sources
 from finetune_cli.errors import FtuneError
-from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
+from finetune_cli.evaluation import pairwise
+from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
 from finetune_cli.results import Change, EvalResult, GenerateEval, PairChange
 
 
@@ -58,7 +59,7 @@ def run(
     if not examples:
         raise FtuneError(f"{', '.join(names)}: no scorable tokens (every example is fully masked or empty)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    measure = preference.pair_metrics if pairs else corpus_nll
+    measure = pairwise.pair_metrics if pairs else corpus_nll
 
     def score(model) -> dict:
         return measure(model, examples, batch_size, pad, progress(len(examples)))
@@ -118,7 +119,9 @@ def run_generate(
     with `metrics` (None: all that apply), for the tuned model and with `compare_base` the base too."""
     import time
 
-    from finetune_cli import files, predict
+    from finetune_cli import files
+    from finetune_cli.evaluation import predict
+    from finetune_cli.inference import generate
 
     found = rundir.open_target(target)
     if compare_base and found.kind == "model":
@@ -141,7 +144,7 @@ def run_generate(
 
     def answer(model) -> tuple[list[str], float]:
         started = time.perf_counter()
-        replies, tokens = predict.generate(
+        replies, tokens = generate.replies(
             model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress(len(prompts)), **sampling
         )
         return replies, tokens / max(time.perf_counter() - started, 1e-9)

@@ -1,21 +1,16 @@
-"""`ftune eval --generate`: answers generated for the eval conversations, scored against the reference answers
-with the standard packages (sacrebleu, rouge-score, json), never reimplemented.
+"""`ftune eval --generate`: the prompt and reference answer of each eval conversation, and
+the generated answers (`inference.generate.replies`) scored against the references with the standard packages
+(sacrebleu, rouge-score, json), never reimplemented.
 
 The prompt of each conversation is its messages up to the last assistant turn, rendered with the chat template
-training used; the reference is that turn's content. Generation is batched: prompts sorted by length, left
-padded, decoded with the KV cache by transformers' `generate`, each row ending at the template's end-of-turn
-token; a reply is decoded exactly as `ftune generate` decodes it, so greedy batched answers equal one-at-a-time
-answers (a test holds them equal).
+training used; the reference is that turn's content.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable
 
-from finetune_cli.data.masking import end_of_turn_ids, render
 from finetune_cli.errors import FtuneError
-from finetune_cli.generate import sampling_kwargs
 
 METRICS = ("exact_match", "bleu", "chrf", "rouge_l", "json_valid", "json_match")
 _JSON_METRICS = ("json_valid", "json_match")
@@ -94,60 +89,3 @@ def score(predictions: list[str], references: list[str], names: list[str]) -> di
         if "json_match" in names:
             out["json_match"] = sum(p is not None and p == _json(r) for p, r in zip(parsed, references)) / n
     return {k: round(v, 6) for k, v in out.items()}
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    progress: Callable[[int], None] = lambda n: None,
-) -> tuple[list[str], int]:
-    """(replies in the order of `prompts`, generated tokens): batches of similar length, left padded."""
-    import torch
-
-    encoded = [
-        tokenizer(render(tokenizer, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    eot = end_of_turn_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
-    kwargs = sampling_kwargs(do_sample, temperature, top_p, seed)
-    device = next(model.parameters()).device
-    replies: list[str] = [""] * len(encoded)
-    generated = 0
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]) :] = 1
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eot,
-                **kwargs,
-            )
-        for r, i in enumerate(rows):
-            new = out[r, width:].tolist()
-            end = next((k for k, t in enumerate(new) if t in eot), None)
-            new = new if end is None else new[: end + 1]  # up to its end-of-turn token, as one-at-a-time stops
-            generated += len(new)
-            replies[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-        progress(len(rows))
-    if was_training:
-        model.train()
-    return replies, generated

@@ -1,0 +1,1 @@
+"""`ftune merge-adapter` (merge.merge) and `ftune export --format gguf` (gguf_export.export)."""

@@ -34,7 +34,7 @@ def merge(
             f"{source}: no adapter here (no adapter_config.json); give a run directory or an adapter folder"
         )
     adapter = found.adapter
-    check_lora(adapter)
+    rundir.check_lora(adapter)
     out = Path(output).expanduser()
     rundir.check_output(out, "merge", overwrite, "--output")
     base_name = found.base
@@ -51,17 +51,6 @@ def merge(
         rundir.check_output(out, "merge", overwrite, "--output")  # again: something may have appeared meanwhile
         rundir.replace_folder(tmp, out, "merge", [p.name for p in tmp.iterdir()])
     return {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
-
-
-def check_lora(adapter: Path) -> None:
-    """Only LoRA adapters change weights; prompt tuning (and other virtual-token methods) cannot be folded in."""
-    config = rundir.read_json(adapter / "adapter_config.json", "an adapter folder needs PEFT's config")
-    if config.get("peft_type") != "LORA":
-        raise FtuneError(
-            f"{adapter}: a {config.get('peft_type', 'non-LoRA').lower()} adapter cannot be merged: it adds virtual "
-            "tokens in front of the input rather than changing weights. Use the adapter folder itself with "
-            "peft.PeftModel.from_pretrained(base, adapter)"
-        )
 
 
 def merged_model(found: rundir.Target, dtype: str = "float32"):

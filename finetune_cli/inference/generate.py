@@ -1,5 +1,9 @@
-"""Decoding: a reply to messages, rendered with the chat template training used, stopping at its end-of-turn
-token; and the checks of sampling flags. `ftune generate`/`chat` and training's sample answers use it."""
+"""Decoding with transformers' `generate`: a reply to messages, rendered with the chat
+template training used, stopping at its end-of-turn token (`reply`: `ftune generate`/`chat`, training's sample
+answers); many prompts at once (`replies`: `ftune eval --generate`), sorted by length, left padded, each row
+ending at the end-of-turn token and decoded exactly as `reply` decodes, so greedy batched answers equal
+one-at-a-time answers (a test holds them equal); and the checks of sampling flags.
+"""
 
 from __future__ import annotations
 
@@ -75,3 +79,60 @@ def reply(
     if was_training:
         model.train()
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def replies(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> tuple[list[str], int]:
+    """(replies in the order of `prompts`, generated tokens): batches of similar length, left padded."""
+    import torch
+
+    encoded = [
+        tokenizer(render(tokenizer, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    eot = end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+    kwargs = sampling_kwargs(do_sample, temperature, top_p, seed)
+    device = next(model.parameters()).device
+    replies: list[str] = [""] * len(encoded)
+    generated = 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eot,
+                **kwargs,
+            )
+        for r, i in enumerate(rows):
+            new = out[r, width:].tolist()
+            end = next((k for k, t in enumerate(new) if t in eot), None)
+            new = new if end is None else new[: end + 1]  # up to its end-of-turn token, as one-at-a-time stops
+            generated += len(new)
+            replies[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        progress(len(rows))
+    if was_training:
+        model.train()
+    return replies, generated

@@ -113,7 +113,7 @@ def preset(recipe) -> Path:
 
 def mixed_precision(precision: str) -> str:
     """accelerate's name for training.precision (auto resolved as training resolves it)."""
-    from finetune_cli.methods import precision as resolve
+    from finetune_cli.training.methods import precision as resolve
 
     resolved = resolve(precision)
     return "no" if resolved == "fp32" else resolved
@@ -122,7 +122,7 @@ def mixed_precision(precision: str) -> str:
 def command(recipe, ftune_args: list[str]) -> list[str]:
     """The `accelerate launch` command line that runs `python -m finetune_cli <ftune_args>` on every process."""
     d = recipe.distributed
-    cmd = [sys.executable, "-m", "finetune_cli.launch"]
+    cmd = [sys.executable, "-m", "finetune_cli.training.launch"]
     if d.config:
         cmd += ["--config_file", d.config]
     else:
@@ -170,7 +170,7 @@ def launch(recipe, ftune_args: list[str], debug: bool = False) -> int:
 
 
 def _agent(argv: list[str]) -> int:
-    """`python -m finetune_cli.launch ACCELERATE_LAUNCH_ARGS`: accelerate's own launch command, with a rank's
+    """`python -m finetune_cli.training.launch ACCELERATE_LAUNCH_ARGS`: accelerate's own launch command, with a rank's
     failure turned into that rank's exit code instead of the agent's traceback (shown with --debug)."""
     import logging
 

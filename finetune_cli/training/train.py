@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from finetune_cli import __version__, files, launch, methods, models, preference, rundir, trainer
+from finetune_cli import __version__, files, hardware, models, rundir
 from finetune_cli import recipe as recipes
-from finetune_cli.data import cache, jsonl, sources
+from finetune_cli.data import cache, jsonl, preference, sources
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
-from finetune_cli.generate import reply
-from finetune_cli.perplexity import build_examples, corpus_nll, default_stride
+from finetune_cli.evaluation import pairwise
+from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
+from finetune_cli.inference.generate import reply
 from finetune_cli.results import RunInfo
+from finetune_cli.training import launch, methods, trainer
 
 
 @dataclass
@@ -124,7 +126,7 @@ def run(
 
 def _tokenize(recipe, plan: Plan) -> None:
     d = recipe.data
-    launch.init(trainer.cuda())
+    launch.init(hardware.cuda())
     shared = d.cache or launch.world_size() > 1  # the other ranks read what the first one tokenized
     if recipe.training.objective in preference.OBJECTIVES:  # pairs: quick to tokenize, not cached
         plan.train_examples, plan.stats["train"] = preference.tokenize_all(
@@ -211,7 +213,7 @@ def _device() -> str:
     """What trains: `cuda (NVIDIA H100 80GB HBM3)` or `cpu (avx2)`, the CPU kernels torch picked."""
     import torch
 
-    if trainer.cuda():
+    if hardware.cuda():
         return f"cuda ({torch.cuda.get_device_name()})"
     return f"cpu ({torch.backends.cpu.get_cpu_capability().lower()})"
 
@@ -220,9 +222,9 @@ def _load_model(recipe, plan: Plan, strategy: str, merge_start: bool = False):
     m = recipe.model
     dtype = str(models.torch_dtype(m.dtype)).removeprefix("torch.")
     if merge_start:  # the start run's adapter folded into its base, as merge-adapter does
-        from finetune_cli import export
+        from finetune_cli.export import merge
 
-        return export.merged_model(plan.start, dtype)[0]
+        return merge.merged_model(plan.start, dtype)[0]
     quantization = methods.quantization_config(recipe.method, dtype, shardable=strategy in launch.SHARDED)
     return models.load_model(plan.source, m.dtype, m.trust_remote_code, quantization)
 
@@ -329,7 +331,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     base_replies = [reply(model, tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if t.objective in preference.OBJECTIVES:
-        measure, log_class = preference.pair_metrics, trainer.PairMetricsLog
+        measure, log_class = pairwise.pair_metrics, trainer.PairMetricsLog
     else:
         measure, log_class = corpus_nll, trainer.MetricsLog
     before = measure(model, plan.eval_examples, t.batch_size, pad) if plan.eval_examples else None

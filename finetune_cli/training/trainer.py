@@ -56,10 +56,12 @@ from accelerate.utils import DistributedType
 from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-from finetune_cli import attention, files, launch, methods, microbatch, preference, rundir
-from finetune_cli.data import examples
+from finetune_cli import files, hardware, rundir
+from finetune_cli.data import examples, formats
 from finetune_cli.errors import FAILED, FtuneError
-from finetune_cli.perplexity import corpus_nll
+from finetune_cli.evaluation import pairwise
+from finetune_cli.evaluation.perplexity import corpus_nll
+from finetune_cli.training import attention, launch, methods, microbatch
 
 
 class FtuneTrainer(SFTTrainer):
@@ -151,7 +153,7 @@ def _arguments(recipe, out: Path) -> dict:
         data_seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not cuda(),
+        use_cpu=not hardware.cuda(),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,
         save_strategy="steps" if t.save_steps else "no",
@@ -234,7 +236,7 @@ def build_orpo(recipe, source: str, model, tokenizer, train_examples: list[dict]
         def tokenize_row(self, feature, model=None) -> dict:
             prompt = feature["prompt_ids"]
             row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
-            for key in preference.FIELDS:
+            for key in formats.PAIR_FIELDS:
                 reply = feature[f"{key}_ids"]
                 row[f"{key}_input_ids"] = prompt + reply
                 row[f"{key}_attention_mask"] = [1] * (len(prompt) + len(reply))
@@ -318,25 +320,13 @@ def packing_applies(recipe) -> bool:
     preference objectives (TRL pads their pairs). `auto`: packed on CPU, padded batches on GPUs (see
     packing_default)."""
     t = recipe.training
-    packing = packing_default() if t.packing == "auto" else t.packing
+    packing = hardware.packing_default() if t.packing == "auto" else t.packing
     return packing and recipe.method.name != "prompt_tuning" and t.objective == "sft"
-
-
-def packing_default() -> bool:
-    """What `training.packing: auto` means on this machine. Measured (BENCHMARKS.md): on CPU packed rows are 2-3x
-    padded batches; on an H200 without flash-attn, padded batches ran 1.76x packed rows (1B Llama, LoRA)."""
-    return not cuda()
 
 
 def micro_batch_tokens(recipe) -> int | None:
     """The token budget of each forward/backward pass over a packed micro-batch (None: the whole row)."""
-    return microbatch.resolve(recipe.training.micro_batch_tokens, cuda()) if packing_applies(recipe) else None
-
-
-def cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return microbatch.resolve(recipe.training.micro_batch_tokens, hardware.cuda()) if packing_applies(recipe) else None
 
 
 def save_artifact(trainer, recipe, out: Path, base: str | None = None) -> Path:
@@ -451,7 +441,7 @@ class PairMetricsLog(MetricsLog):
     """MetricsLog for preference objectives: eval rows hold the pair metrics (eval_accuracy, eval_margin)."""
 
     def measure(self, model) -> dict:
-        return preference.pair_metrics(model, self.examples, self.batch_size, self.pad_token_id)
+        return pairwise.pair_metrics(model, self.examples, self.batch_size, self.pad_token_id)
 
     @staticmethod
     def eval_logs(result: dict) -> dict:

@@ -14,15 +14,15 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from finetune_cli import methods, models, preference
-from finetune_cli.data import jsonl, sources
-from finetune_cli.data.formats import LineError
+from finetune_cli import models
+from finetune_cli.data import jsonl, preference, sources
+from finetune_cli.data.formats import PAIR_FIELDS, LineError
 from finetune_cli.data.masking import IGNORE, map_records, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
-from finetune_cli.preference import FIELDS
 from finetune_cli.results import ValidateReport
+from finetune_cli.training import methods
 
-PREFERENCE_KEYS = ("prompt", *FIELDS, "completion", "label")
+PREFERENCE_KEYS = ("prompt", *PAIR_FIELDS, "completion", "label")
 
 UNLIMITED = 1 << 40
 SHOWN = 20  # bad rows listed per kind of error, and duplicates listed; the counts are of all of them
@@ -305,7 +305,7 @@ def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str |
     else:
         ex, truncated = preference.tokenize_pair(tokenizer, record, max_length)
         ex = ex or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-        keys = list(FIELDS)
+        keys = list(PAIR_FIELDS)
     out = []
     for key in keys:
         ids = [(t, False) for t in ex["prompt_ids"]] + [(t, True) for t in ex[f"{key}_ids"]]
@@ -315,7 +315,7 @@ def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str |
         ]
         out.append(
             {
-                "source": f"{record['source']} ({key if key in FIELDS else _desirable(record)})",
+                "source": f"{record['source']} ({key if key in PAIR_FIELDS else _desirable(record)})",
                 "tokens": tokens,
                 "count": len(tokens),
                 "learned": len(ex[f"{key}_ids"]),
