@@ -232,6 +232,7 @@ def test_a_finished_run_as_model_base_is_the_start_and_the_reference(dpo_run, tm
     (first.parent / "unfinished").mkdir()
     (first.parent / "unfinished" / "recipe.yaml").write_text((first / "recipe.yaml").read_text())
     (first.parent / "unfinished" / "run.json").write_text(json.dumps({**earlier, "status": "interrupted"}))
+    (first.parent / "unfinished" / ".ftune").write_text((first / ".ftune").read_text())  # a run's own marker
     result = runner.invoke(app, ["train", str(recipe), f"--set=model.base={first.parent / 'unfinished'}",
                                  f"--set=output.dir={tmp_path}/u"])  # fmt: skip
     assert result.exit_code == 2 and "resume it" in result.output

@@ -119,7 +119,8 @@ def test_kill_9_then_resume_matches_uninterrupted(recipe, tmp_path, uninterrupte
 KILL_AT_STEP = """
 import os, signal, sys
 from transformers import TrainerCallback
-from finetune_cli import recipe, train
+from finetune_cli import recipe
+from finetune_cli.training import train
 
 class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
