@@ -376,8 +376,11 @@ def serve(
     from finetune_cli.serving import server as serving
 
     key = api_key or os.environ.get("FTUNE_API_KEY") or None
-    code = serving.run(targets, host, port, key, max_batch, max_queue, _state["debug"], None, max_request_bytes)
-    raise typer.Exit(code)
+    raise typer.Exit(
+        serving.run(
+            targets, host, port, key, max_batch, max_queue, _state["debug"], max_request_bytes=max_request_bytes
+        )
+    )
 
 
 @app.command()

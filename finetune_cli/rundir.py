@@ -173,6 +173,21 @@ def check_output(path: Path, kind: str, overwrite: bool, key: str, resume: bool 
     )
 
 
+def drop_checkpoints(out: Path) -> None:
+    """A completed run's checkpoints: the checkpoint-N folders ftune moved into checkpoints/ and its staging;
+    anything else found there stays (and so does checkpoints/ then)."""
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for entry in checkpoints.iterdir():
+            if _CHECKPOINT.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+        try:
+            checkpoints.rmdir()
+        except OSError:
+            pass
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+
+
 def clear(path: Path) -> None:
     """Empty a folder `check_output` allowed to overwrite (the folder itself stays: it holds our lock); the marker
     goes last, so a clear cut short leaves a folder --overwrite still knows as ftune's."""

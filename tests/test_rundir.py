@@ -601,3 +601,19 @@ def test_resume_refuses_what_the_checkpoint_fixes_even_with_force(interrupted, t
         result.output
     )
     assert snapshot(out) == before
+
+
+def test_completing_a_run_drops_only_its_checkpoint_folders(tmp_path):
+    """A file put into checkpoints/ while a run trains (after its start was checked) outlives the run's end."""
+    from finetune_cli import rundir
+
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    (tmp_path / ".staging").mkdir()
+    rundir.drop_checkpoints(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["notes.txt"]
+    assert not (tmp_path / ".staging").exists()
+    (tmp_path / "checkpoints" / "notes.txt").unlink()
+    rundir.drop_checkpoints(tmp_path)  # nothing of the user's left: the folder goes too
+    assert not (tmp_path / "checkpoints").exists()

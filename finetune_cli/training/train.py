@@ -308,8 +308,7 @@ def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
     info.update(status="completed", **result)
     write()
     if main:
-        for folder in (rundir.CHECKPOINTS, rundir.STAGING):  # the run is whole: its artifact replaces them
-            shutil.rmtree(out / folder, ignore_errors=True)
+        rundir.drop_checkpoints(out)  # the run is whole: its artifact replaces them
 
 
 def _finish_completed(out: Path, previous: dict, main: bool) -> dict:
@@ -318,7 +317,8 @@ def _finish_completed(out: Path, previous: dict, main: bool) -> dict:
         previous = {**previous, "status": "completed", "artifact": str(rundir.artifact(out))}
         previous.pop("reason", None)
         files.write_json(out / rundir.RUN_JSON, RunInfo.model_validate(previous).dump())
-        for folder in (rundir.CHECKPOINTS, rundir.STAGING, ".adapter.tmp", ".model.tmp"):
+        rundir.drop_checkpoints(out)
+        for folder in (".adapter.tmp", ".model.tmp"):
             shutil.rmtree(out / folder, ignore_errors=True)
     return previous
 
