@@ -183,7 +183,10 @@ def eval_(
         False, "--generate", help="Generate an answer to each conversation and score it (task metrics)."
     ),
     metrics: Optional[str] = typer.Option(
-        None, "--metrics", help="With --generate: exact_match,bleu,chrf,rouge_l,json_valid,json_match (default: all)."
+        None,
+        "--metrics",
+        help="With --generate: exact_match,bleu,chrf,rouge_l,json_valid,json_match,accuracy,macro_f1 "
+        "(default: all that apply).",
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="With --generate: tokens per answer."),
     predictions: Optional[Path] = typer.Option(

@@ -47,7 +47,15 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 NEWLINE = "\n"
 
 Format = Literal[
-    "auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "unpaired_preference"
+    "auto",
+    "messages",
+    "sharegpt",
+    "prompt_completion",
+    "alpaca",
+    "text",
+    "preference",
+    "unpaired_preference",
+    "classification",
 ]
 Columns = Annotated[dict[str, str], AfterValidator(_check_columns)]
 
@@ -87,6 +95,18 @@ class DataSection(_Section):
     max_length: int = Field(default=1024, gt=1)
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     cache: bool = True
+    labels: list[str | int] | None = None  # classification: the classes in id order (default: sorted from train)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, value):
+        if value is None:
+            return value
+        if not isinstance(value, list):
+            raise ValueError("data.labels is a list of the class names, e.g. [negative, positive]")
+        from finetune_cli.classification.labels import names_from_recipe
+
+        return names_from_recipe(value)
 
     @model_validator(mode="after")
     def _one_eval_source(self):
@@ -166,15 +186,17 @@ OBJECTIVE_SETTINGS = {
     "dpo": {"beta": 0.1, "loss_type": ["sigmoid"]},
     "orpo": {"beta": 0.1},
     "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+    "classification": {"class_weights": "none"},
 }
 
 
 class TrainingSection(_Section):
-    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "kto", "classification"] = "sft"
     beta: float | None = Field(default=None, gt=0)
     loss_type: list[DpoLoss] | None = Field(default=None, min_length=1)
     desirable_weight: float | None = Field(default=None, gt=0)
     undesirable_weight: float | None = Field(default=None, gt=0)
+    class_weights: Literal["none", "balanced"] | None = None  # classification: "balanced" weighs rare classes up
     epochs: float = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -207,7 +229,7 @@ class TrainingSection(_Section):
     @model_validator(mode="after")
     def _objective_settings(self):
         settings = OBJECTIVE_SETTINGS.get(self.objective, {})
-        for key in ("beta", "loss_type", "desirable_weight", "undesirable_weight"):
+        for key in ("beta", "loss_type", "desirable_weight", "undesirable_weight", "class_weights"):
             if key not in settings and getattr(self, key) is not None:
                 owners = " / ".join(o for o, s in OBJECTIVE_SETTINGS.items() if key in s)
                 raise ValueError(
@@ -251,6 +273,17 @@ class Recipe(_Section):
     training: TrainingSection = TrainingSection()
     distributed: DistributedSection = DistributedSection()
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _classification(self):
+        if self.data.labels is not None and self.training.objective != "classification":
+            raise ValueError("data.labels applies to training.objective: classification; remove it or set the objective")
+        if self.training.objective == "classification" and self.method.name == "prompt_tuning":
+            raise ValueError(
+                "method prompt_tuning cannot train a classifier: PEFT feeds the virtual tokens as embeddings, so the "
+                "label head cannot find each padded row's last token; use method lora, qlora or full"
+            )
+        return self
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -37,6 +37,19 @@ class PairScore(_Result):
     rejected_logps: float
 
 
+class ClassScore(_Result):
+    """A classifier on labelled data (classification.metrics.report: the same figures as scikit-learn's)."""
+
+    examples: int
+    loss: float | None  # mean cross-entropy of the reference classes
+    accuracy: float
+    macro_f1: float
+    labels: list[str]  # class names in id order: the rows and columns of `confusion`
+    per_class: dict[str, dict[str, float | int]]  # name -> precision, recall, f1, support
+    confusion: list[list[int]]  # [reference][prediction] counts
+    worst: dict[str, Any] | None = None  # the class with the lowest F1, and what its rows were taken for
+
+
 class Change(_Result):
     perplexity: float
     relative: float
@@ -52,10 +65,11 @@ class EvalResult(_Result):
     base: str
     data: list[str]
     data_sha256: list[str] | None = None
-    context: int
-    stride: int | None  # None for preference pairs (scored whole, never in windows)
-    results: dict[str, Score | PairScore]  # "model", or "base" and/or "tuned"
+    context: int | None  # None for image classifiers
+    stride: int | None  # None for preference pairs and classifiers (scored whole, never in windows)
+    results: dict[str, Score | PairScore | ClassScore]  # "model", or "base" and/or "tuned"
     change: Change | PairChange | None = None
+    predictions: str | None = None  # a classifier's predictions file
 
 
 class GenerateEval(_Result):
@@ -113,8 +127,8 @@ class RunInfo(_Result):
     peak_gpu_memory_mib: int | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None
-    eval_before: Score | PairScore | None = None
-    eval_after: Score | PairScore | None = None
+    eval_before: Score | PairScore | ClassScore | None = None
+    eval_after: Score | PairScore | ClassScore | None = None
     samples: list[Sample] = []
     artifact: str | None = None
 

@@ -417,6 +417,16 @@ class Target:
     dtype: str = "auto"
     trust_remote_code: bool = False
     method: dict = field(default_factory=dict)
+    task: str | None = None  # a classifier: "text" or "image"; None for a causal language model
+    labels: list[str] = field(default_factory=list)  # a classifier's class names in id order
+
+    def refuse_classifier(self, why: str) -> None:
+        """Verbs of causal language models (generate, chat, serve, GGUF export) refuse a classifier, saying why."""
+        if self.task:
+            raise FtuneError(
+                f"{self.name} is a classifier ({', '.join(self.labels)}): {why}; use ftune classify {self.name} "
+                "--text ... or ftune eval"
+            )
 
 
 def open_target(name: str, base: str | None = None) -> Target:
@@ -440,19 +450,30 @@ def open_target(name: str, base: str | None = None) -> Target:
     if path.is_dir() and (path / "adapter_config.json").exists():
         return _open_adapter(name, path, base)
     if path.is_dir() and (path / "config.json").is_file():
-        return Target(name, "model", str(path), str(path))
+        return _classifier(Target(name, "model", str(path), str(path)), str(path))
     if path.is_dir():
         raise FtuneError(
             f"{name}: neither a run directory, an adapter folder (adapter_config.json) nor a model folder (config.json)"
         )
     source = models.resolve(name)
-    return Target(name, "model", source, source)
+    return _classifier(Target(name, "model", source, source), source)
+
+
+def _classifier(target: Target, folder: str) -> Target:
+    """A model folder that is a classifier (*ForSequenceClassification, *ForImageClassification) says so."""
+    from finetune_cli.classification import model as classifier
+
+    target.task = classifier.architecture_task(folder)
+    if target.task:
+        target.labels = classifier.labels_of(folder)
+    return target
 
 
 def load(target: str):
     """(model, tokenizer) for a run directory, an adapter folder, a model folder or a base model name, loaded as
     training loaded it (dtype, trust_remote_code, the chat template saved with the adapter or model)."""
     found = open_target(target)
+    found.refuse_classifier("it answers with a class, not text")
     from finetune_cli import models
 
     tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
@@ -503,7 +524,8 @@ def _open_run(name: str, path: Path, base: str | None) -> Target:
     m = recipe.model
     options = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     if found.name == MODEL:
-        return Target(name, "run", str(found), str(found), base=m.base, run_dir=path, recipe=recipe, **options)
+        target = Target(name, "run", str(found), str(found), base=m.base, run_dir=path, recipe=recipe, **options)
+        return _classifier(target, str(found))
     # started from another run: the adapter's own record names the weights it trained on (this run's start/)
     target = _open_adapter(name, found, base or (None if is_run(Path(m.base).expanduser()) else m.base))
     target.kind, target.run_dir, target.recipe = "run", path, recipe
@@ -531,6 +553,8 @@ def _open_adapter(name: str, folder: Path, base: str | None = None) -> Target:
         dtype=options.get("dtype", "auto"),
         trust_remote_code=bool(options.get("trust_remote_code", False)),
         method=record.get("method") or {"name": str(config.get("peft_type", "lora")).lower()},
+        task=(record.get("classification") or {}).get("input"),
+        labels=list((record.get("classification") or {}).get("labels", [])),
     )
 
 

@@ -75,7 +75,16 @@ def train_summary(result: dict) -> None:
     if result.get("first_loss") is not None:
         table.add_row("train loss", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} (first -> last step)")
     before, after = result.get("eval_before"), result.get("eval_after")
-    if before and after and "margin" in after:
+    if before and after and "macro_f1" in after:
+        majority = max(c["support"] for c in after["per_class"].values()) / after["examples"]
+        table.add_row(
+            "eval classes",
+            f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}   macro F1 {before['macro_f1']:.3f} -> "
+            f"{after['macro_f1']:.3f}   ({after['examples']:,} rows; the majority class alone: {majority:.3f})",
+        )
+        if after.get("worst"):
+            table.add_row("worst class", worst_class(after["worst"]))
+    elif before and after and "margin" in after:
         table.add_row(
             "eval pairs",
             f"margin {before['margin']:.3f} -> {after['margin']:.3f}   accuracy {before['accuracy']:.2f} -> "
@@ -96,6 +105,11 @@ def train_summary(result: dict) -> None:
         console.print(f"[bold]prompt[/bold]  {sample['prompt']}")
         console.print(f"[bold]base  [/bold]  {sample['base']}")
         console.print(f"[bold]tuned [/bold]  {sample['tuned']}")
+
+
+def worst_class(w: dict) -> str:
+    taken = f"; taken for {w['confused_with']} {w['count']} times" if w.get("confused_with") else ""
+    return f"{w['label']}: F1 {w['f1']:.3f}, recall {w['recall']:.3f} of {w['support']} rows{taken}"
 
 
 @contextmanager

@@ -9,6 +9,7 @@
 | `text`              | {"text": "..."} (continued pre-training: every token is learned)              |
 | `preference`        | {"prompt": "...", "chosen": "...", "rejected": "..."} (DPO; see preference.py) |
 | `unpaired_preference` | {"prompt": "...", "completion": "...", "label": true} (KTO)                 |
+| `classification`    | {"text": "...", "label": "spam"} or {"image": "cat1.png", "label": "cat"}     |
 
 A message may say `"train": false` (or OpenAI's `"weight": 0`) to keep that assistant turn out of the loss.
 """
@@ -43,6 +44,7 @@ FIELDS = (
     "chosen",
     "rejected",
     "label",
+    "image",
 )
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
@@ -98,6 +100,8 @@ def detect(record) -> str | None:
         return "alpaca"
     if "completion" in record and isinstance(record.get("label"), bool):
         return "unpaired_preference"
+    if "label" in record and ("text" in record or "image" in record) and "completion" not in record:
+        return "classification"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -129,6 +133,8 @@ def convert(record, fmt: str, where: str) -> dict:
         raise LineError("other format", where, f"this line is in {found} format but the file is {fmt}")
     if fmt in ("preference", "unpaired_preference"):
         return (convert_pair if fmt == "preference" else convert_unpaired)(record, where)
+    if fmt == "classification":
+        return convert_labelled(record, where)
     if fmt == "text":
         text = _field(record, "text", where)
         if not text.strip():
@@ -330,3 +336,27 @@ def convert_unpaired(record: dict, where: str) -> dict:
     completion[0].pop("train", None)
     check(prompt + completion, where)
     return {"prompt": prompt, "completion": completion, "label": record["label"]}
+
+
+def convert_labelled(record: dict, where: str) -> dict:
+    """One classification row as {"text": ..., "label": name} or {"image": path or bytes, "label": name}; raise
+    LineError. An image is a path (relative ones are resolved against the data file's folder by the reader) or a
+    table's image cell ({"bytes": ..., "path": ...}, as datasets and Parquet store images)."""
+    from finetune_cli.classification.labels import name
+
+    if "label" not in record:
+        raise LineError("missing field", where, 'missing field "label": a classification row needs its class')
+    label = name(record["label"], where)
+    if "image" in record:
+        image = record["image"]
+        if isinstance(image, dict) and isinstance(image.get("bytes"), (bytes, bytearray)) and image["bytes"]:
+            return {"image": bytes(image["bytes"]), "label": label}
+        if isinstance(image, dict) and isinstance(image.get("path"), str):
+            image = image["path"]
+        if not isinstance(image, str) or not image.strip():
+            raise LineError("wrong type", where, '"image" must be the path of an image file')
+        return {"image": image, "label": label}
+    text = _field(record, "text", where)
+    if not text.strip():
+        raise LineError("empty content", where, '"text" is empty; a classification row needs text to classify')
+    return {"text": text, "label": label}

@@ -61,10 +61,28 @@ def parse(
         if escapes and not _encodable(record):  # json reads a lone "\ud800" escape; tokenizers refuse it
             errors.append(LineError("not UTF-8", where, SURROGATE))
             continue
+        if isinstance(record.get("image"), str):
+            try:
+                record["image"] = _image_path(record["image"], part or source.name, where)
+            except LineError as exc:
+                errors.append(exc)
+                continue
         if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
             record["messages"].insert(0, {"role": "system", "content": system_prompt})
         records.append({"source": where, "format": fmt, **record})
     return records, errors, (", ".join(found) or None) if auto else fmt
+
+
+def _image_path(value: str, data_file: str, where: str) -> str:
+    """An image row's path, relative to its data file's folder unless absolute; it must exist."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not data_file.startswith(sources.HUB_PREFIX):
+        path = Path(data_file).parent / path
+    if not path.is_file():
+        raise LineError("missing image", where, f"image {value} not found (looked for {path})")
+    return str(path.resolve())
 
 
 def _encodable(record: dict) -> bool:

@@ -22,12 +22,19 @@ def is_pairs(records: list[dict]) -> bool:
 
 
 def is_preference(records: list[dict]) -> bool:
-    return any("chosen" in r or "label" in r for r in records)
+    return any("chosen" in r or is_reply(r) for r in records)
+
+
+def is_reply(record: dict) -> bool:
+    """A KTO line: a reply labelled desirable or not (a classification row has a label but no completion)."""
+    return "label" in record and "completion" in record
 
 
 def check_data(objective: str, train: list[dict], evals: list[dict], path: str) -> None:
     """Preference objectives need their data (pairs; KTO also labelled replies), SFT needs conversations or text,
     and the eval data of a preference run is pairs (scored by accuracy and margin): say which key to change."""
+    if objective == "classification":
+        return  # training.classifier.check_data
     if objective not in OBJECTIVES:
         if is_preference(train + evals):
             raise FtuneError(
@@ -36,7 +43,7 @@ def check_data(objective: str, train: list[dict], evals: list[dict], path: str) 
             )
         return
     kinds = "preference pairs or labelled replies" if objective == "kto" else "preference pairs"
-    wrong = [r for r in train if not ("chosen" in r or (objective == "kto" and "label" in r))]
+    wrong = [r for r in train if not ("chosen" in r or (objective == "kto" and is_reply(r)))]
     if wrong:
         raise FtuneError(
             f"{wrong[0]['source']}: training.objective is {objective}, which trains on {kinds} "

@@ -1,6 +1,7 @@
 """`ftune eval --generate`: the prompt and reference answer of each eval conversation, and
 the generated answers (`inference.generate.replies`) scored against the references with the standard packages
-(sacrebleu, rouge-score, json), never reimplemented.
+(sacrebleu, rouge-score, json), never reimplemented; accuracy and macro F1 when the references are a closed set of
+labels (instruction-style classification), defined as scikit-learn's.
 
 The prompt of each conversation is its messages up to the last assistant turn, rendered with the chat template
 training used; the reference is that turn's content.
@@ -12,8 +13,9 @@ import json
 
 from finetune_cli.errors import FtuneError
 
-METRICS = ("exact_match", "bleu", "chrf", "rouge_l", "json_valid", "json_match")
+METRICS = ("exact_match", "bleu", "chrf", "rouge_l", "json_valid", "json_match", "accuracy", "macro_f1")
 _JSON_METRICS = ("json_valid", "json_match")
+_LABEL_METRICS = ("accuracy", "macro_f1")
 
 
 def check_metrics(spec: str | None) -> list[str] | None:
@@ -47,12 +49,21 @@ def split(records: list[dict], where: str) -> tuple[list[list[dict]], list[str]]
 
 
 def metrics_for(references: list[str], wanted: list[str] | None) -> list[str]:
-    """The metrics to compute: `wanted`, or all that apply (the JSON ones when every reference is JSON)."""
+    """The metrics to compute: `wanted`, or all that apply (the JSON ones when every reference is JSON, the label
+    ones when the references are a closed set of labels)."""
+    from finetune_cli.classification import metrics
+
     is_json = all(_json(r) is not None for r in references)
+    is_labels = metrics.closed_set(references) is not None
     if wanted is None:
-        return [m for m in METRICS if is_json or m not in _JSON_METRICS]
+        return [m for m in METRICS if (is_json or m not in _JSON_METRICS) and (is_labels or m not in _LABEL_METRICS)]
     if not is_json and any(m in _JSON_METRICS for m in wanted):
         raise FtuneError("--metrics json_valid/json_match: the reference answers are not all JSON objects or arrays")
+    if not is_labels and any(m in _LABEL_METRICS for m in wanted):
+        raise FtuneError(
+            "--metrics accuracy/macro_f1: the reference answers are not a closed set of labels (at most 20 distinct "
+            "short one-line answers, fewer than half the examples); use exact_match for free-form answers"
+        )
     return wanted
 
 
@@ -65,7 +76,8 @@ def _json(text: str):
 
 
 def score(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
-    """Each metric over the whole set: fractions for exact_match, rouge_l and the JSON ones, 0-100 for BLEU/chrF."""
+    """Each metric over the whole set: fractions for exact_match, rouge_l, the JSON and the label ones, 0-100 for
+    BLEU/chrF."""
     out: dict[str, float] = {}
     n = len(references)
     if "exact_match" in names:
@@ -88,4 +100,9 @@ def score(predictions: list[str], references: list[str], names: list[str]) -> di
             out["json_valid"] = sum(p is not None for p in parsed) / n
         if "json_match" in names:
             out["json_match"] = sum(p is not None and p == _json(r) for p, r in zip(parsed, references)) / n
+    if "accuracy" in names or "macro_f1" in names:
+        from finetune_cli.classification import metrics
+
+        labels = metrics.label_scores(predictions, references, metrics.closed_set(references))
+        out.update({m: labels[m] for m in _LABEL_METRICS if m in names})
     return {k: round(v, 6) for k, v in out.items()}

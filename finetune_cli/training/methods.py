@@ -7,18 +7,20 @@ import os
 from finetune_cli.errors import FtuneError
 
 
-def quantization_config(method, dtype_name: str, shardable: bool = False):
+def quantization_config(method, dtype_name: str, shardable: bool = False, keep: list[str] | None = None):
     """bitsandbytes settings for qlora (None for other methods); compute dtype follows the model's.
 
     `shardable` (FSDP, ZeRO-3): 4-bit weights are stored in the compute dtype so they can be flattened and
-    sharded like the other parameters."""
+    sharded like the other parameters. `keep`: modules left in full precision (a classifier's head, trained in
+    full)."""
     if method.name != "qlora":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(keep)} if keep else {}
     if method.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     compute = dtype_name if method.compute_dtype == "auto" else method.compute_dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -26,14 +28,26 @@ def quantization_config(method, dtype_name: str, shardable: bool = False):
         bnb_4bit_use_double_quant=method.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute),
         **({"bnb_4bit_quant_storage": getattr(torch, compute)} if shardable else {}),
+        **skip,
     )
 
 
-def peft_config(method, tokenizer_source: str):
-    """The PEFT config for lora, qlora and prompt_tuning; None for full fine-tuning."""
+def peft_config(method, tokenizer_source: str, classifier: str | None = None, head: str | None = None):
+    """The PEFT config for lora, qlora and prompt_tuning; None for full fine-tuning.
+
+    `classifier` ("text" or "image"): the model has a classification head (`head`), trained in full beside the
+    adapter (modules_to_save) and never given LoRA layers. PEFT's SEQ_CLS task does both for text models; image
+    models have no PEFT task, so the head is named (the PEFT guide's ViT recipe)."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
 
     if method.name in ("lora", "qlora"):
+        task = {"task_type": "SEQ_CLS"} if classifier == "text" else {}
+        if classifier is None:
+            task = {"task_type": "CAUSAL_LM"}
+        save = method.modules_to_save
+        if classifier == "image":
+            save = [head, *(m for m in save or [] if m != head)]
+            task["exclude_modules"] = [head]
         return LoraConfig(
             r=method.r,
             lora_alpha=method.alpha,
@@ -41,8 +55,8 @@ def peft_config(method, tokenizer_source: str):
             target_modules=method.target_modules,
             use_dora=method.use_dora,
             use_rslora=method.use_rslora,
-            modules_to_save=method.modules_to_save,
-            task_type="CAUSAL_LM",
+            modules_to_save=save,
+            **task,
         )
     if method.name == "prompt_tuning":
         if method.init_text:

@@ -21,7 +21,7 @@ from finetune_cli.evaluation import pairwise
 from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
 from finetune_cli.inference.generate import reply
 from finetune_cli.results import RunInfo
-from finetune_cli.training import launch, methods, trainer
+from finetune_cli.training import classifier, launch, methods, trainer
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Plan:
     train_examples: list = field(default_factory=list)
     eval_examples: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    classes: object = None  # classification: the run's classes (classification.labels.Classes)
 
 
 def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = False, force: bool = False) -> Plan:
@@ -57,7 +58,11 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
     t, m = recipe.training, recipe.model
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
     plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
-    preference.check_data(t.objective, plan.train, plan.eval, recipe.data.files()[0].path)
+    first = recipe.data.files()[0].path
+    preference.check_data(t.objective, plan.train, plan.eval, first)
+    classifier.check_data(t.objective, plan.train, plan.eval, first)
+    if t.objective == "classification":
+        plan.classes = classifier.classes(recipe, plan.train, plan.eval, first)
     plan.start = rundir.start_point(m.base)  # SFT -> DPO: a finished run as the starting point
     if plan.start is not None:
         _check_start(recipe, plan.start)
@@ -70,14 +75,24 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
         plan.source = tokenizer_source = models.resolve(m.base)
         models.check_config(plan.source, m.trust_remote_code)
     chat = any("messages" in r or "prompt" in r for r in plan.train + plan.eval)
-    plan.tokenizer = models.load_tokenizer(
-        tokenizer_source, m.chat_template, m.trust_remote_code, require_template=chat
-    )
+    if plan.classes is not None and plan.classes.input == "image":
+        from finetune_cli.classification import model as classifier_model
+
+        plan.tokenizer = classifier_model.load_processor(tokenizer_source, True, m.trust_remote_code)
+    else:
+        plan.tokenizer = models.load_tokenizer(
+            tokenizer_source, m.chat_template, m.trust_remote_code, require_template=chat
+        )
     return plan
 
 
 def _check_start(recipe, start) -> None:
     """What a run named as model.base cannot be the start of."""
+    if start.adapter is not None and recipe.training.objective == "classification":
+        raise FtuneError(
+            f"model.base: {recipe.model.base} is an adapter run; a classifier starts from whole weights: merge it "
+            f"first (ftune merge-adapter {recipe.model.base} --output DIR) and set model.base to DIR"
+        )
     if start.adapter is not None and recipe.method.name == "qlora":
         raise FtuneError(
             f"model.base: {recipe.model.base} is an adapter run, which is merged into its base in memory, and QLoRA "
@@ -128,7 +143,9 @@ def _tokenize(recipe, plan: Plan) -> None:
     d = recipe.data
     launch.init(hardware.cuda())
     shared = d.cache or launch.world_size() > 1  # the other ranks read what the first one tokenized
-    if recipe.training.objective in preference.OBJECTIVES:  # pairs: quick to tokenize, not cached
+    if recipe.training.objective == "classification":
+        classifier.tokenize(recipe, plan)
+    elif recipe.training.objective in preference.OBJECTIVES:  # pairs: quick to tokenize, not cached
         plan.train_examples, plan.stats["train"] = preference.tokenize_all(
             plan.tokenizer, plan.train, d.max_length, d.system_prompt, unpaired=recipe.training.objective == "kto"
         )
@@ -170,18 +187,21 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
         detected = " (detected)" if f["detected"] else ""
         commit = f", commit {found['commit']}" if found.get("commit") else ""
         log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}{commit}")
-    log(
-        f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
-        f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
-        + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
-        + f"; tokenized cache {train_stats['cache']}"
-    )
+    if plan.classes is not None:
+        classifier.describe(plan, log)
+    else:
+        log(
+            f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "
+            f"{eval_stats.get('examples', 0)} eval; {train_stats['truncated']} truncated to {d.max_length} tokens"
+            + (f", {train_stats['dropped']} dropped with nothing left to learn" if train_stats["dropped"] else "")
+            + f"; tokenized cache {train_stats['cache']}"
+        )
     processes, budget = launch.world_size(), trainer.micro_batch_tokens(recipe)
     effective = t.batch_size * t.gradient_accumulation * processes
     log(
         f"batch {t.batch_size} per device x {t.gradient_accumulation} accumulation x {processes} "
         f"process{'es' if processes > 1 else ''} = {effective} "
-        + ("pairs" if t.objective in ("dpo", "orpo") else "sequences" if t.objective == "sft" else "replies")
+        + {"dpo": "pairs", "orpo": "pairs", "kto": "replies", "classification": "rows"}.get(t.objective, "sequences")
         + " per step"
         + (f" ({strategy})" if processes > 1 else "")
         + (f"; packed micro-batches run in passes of at most {budget} tokens" if budget else "")
@@ -219,6 +239,8 @@ def _device() -> str:
 
 
 def _load_model(recipe, plan: Plan, strategy: str, merge_start: bool = False):
+    if plan.classes is not None:
+        return classifier.load_model(recipe, plan, strategy)
     m = recipe.model
     dtype = str(models.torch_dtype(m.dtype)).removeprefix("torch.")
     if merge_start:  # the start run's adapter folded into its base, as merge-adapter does
@@ -329,17 +351,29 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     # The base model's own answers and eval loss, before any adapter or update touches it.
     prompts = [c["messages"][: _last_assistant(c["messages"])] for c in plan.eval if "messages" in c][:samples]
     base_replies = [reply(model, tokenizer, p) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if t.objective in preference.OBJECTIVES:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    classes = plan.classes
+    if classes is not None:
+        from finetune_cli.classification import predict
+
+        def measure(model, examples, batch_size, pad):
+            return predict.score(model, examples, classes.names, classes.collate, batch_size)[0]
+
+        log_class = trainer.ClassifierMetricsLog
+    elif t.objective in preference.OBJECTIVES:
         measure, log_class = pairwise.pair_metrics, trainer.PairMetricsLog
     else:
         measure, log_class = corpus_nll, trainer.MetricsLog
     before = measure(model, plan.eval_examples, t.batch_size, pad) if plan.eval_examples else None
 
     stopper = stop.callback()
-    fit = trainer.build(recipe, plan.source, model, tokenizer, plan.train_examples, out, [*callbacks, stopper])
+    fit = trainer.build(
+        recipe, plan.source, model, tokenizer, plan.train_examples, out, [*callbacks, stopper], classes
+    )
     metrics_file = (out / rundir.METRICS).open("a", encoding="utf-8") if launch.is_main() else None
     metrics = log_class(fit, metrics_file, plan.eval_examples, t.batch_size, t.eval_steps, pad, before, stopper)
+    metrics.classes = classes
     fit.add_callback(metrics)
     fit.add_callback(trainer.Checkpoints(out, t.save_total_limit, t.save_every_epoch))
     fit.add_callback(trainer.RecipeOnResume())
@@ -351,7 +385,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
             metrics_file.close()
     seconds = time.perf_counter() - started  # the training loop alone, as a plain trainer.train() is timed
     base = plan.source if plan.start is not None else None  # a start run: the adapter applies to its weights
-    artifact = None if stopper.stopped else trainer.save_artifact(fit, recipe, out, base)
+    artifact = None if stopper.stopped else trainer.save_artifact(fit, recipe, out, base, classes)
     tuned_replies = _answers(fit.model, tokenizer, prompts, stop) if artifact else []
 
     trainable, total = methods.count_parameters(fit.model)

@@ -120,8 +120,11 @@ class FtuneTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
 
 
-def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks):
-    """The trainer for the recipe's objective: SFT (FtuneTrainer) or a preference objective (FtuneDPOTrainer)."""
+def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks, classes=None):
+    """The trainer for the recipe's objective: SFT (FtuneTrainer), a preference objective (FtuneDPOTrainer...) or
+    classification (`classes`: the run's Classes)."""
+    if recipe.training.objective == "classification":
+        return build_classifier(recipe, source, model, tokenizer, train_examples, out, callbacks, classes)
     if recipe.training.objective == "dpo":
         return build_dpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
     if recipe.training.objective == "orpo":
@@ -315,13 +318,55 @@ def _pretokenized(cls, args, keys, model, tokenizer, train_examples, method, sou
     return trainer
 
 
+def build_classifier(recipe, source: str, model, processor, train_examples: list[dict], out: Path, callbacks, classes):
+    """The classification trainer: transformers' Trainer (TRL's trainers are for generation) on ftune's examples,
+    batched by classification.inputs.Collator, with the cross-entropy of the classes (weighted with
+    `training.class_weights: balanced`) summed and divided by the step's example count, so gradient accumulation
+    and several processes give the mean over the whole step (`compute_loss_func`: the Trainer then neither averages
+    per micro-batch nor divides by the accumulation steps)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    t, method = recipe.training, recipe.method
+    model = methods.prepare(model, method, t.gradient_checkpointing)
+    weights = torch.tensor(classes.weights, dtype=torch.float32) if classes.weights else None
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits.float()
+        weight = weights.to(logits.device) if weights is not None else None
+        total = torch.nn.functional.cross_entropy(logits, labels.to(logits.device), weight=weight, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+    args = TrainingArguments(
+        **_arguments(recipe, out),
+        remove_unused_columns=False,  # the collator reads the examples' own keys (input_ids or image, label)
+        include_num_input_tokens_seen="non_padding" if classes.input == "text" else "no",
+    )
+    config = methods.peft_config(method, source, classifier=classes.input, head=classes.head)
+    if config is not None:  # before the Trainer, which refuses a quantized model without an adapter
+        from peft import get_peft_model
+
+        model = get_peft_model(model, config)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,
+        data_collator=classes.collate,
+        processing_class=processor,
+        compute_loss_func=loss,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def packing_applies(recipe) -> bool:
     """Padding-free packing, except for prompt tuning (its virtual tokens prefix each row, not each example) and
     preference objectives (TRL pads their pairs). `auto`: packed on CPU, padded batches on GPUs (see
     packing_default)."""
     t = recipe.training
     packing = hardware.packing_default() if t.packing == "auto" else t.packing
-    return packing and recipe.method.name != "prompt_tuning" and t.objective == "sft"
+    return packing and recipe.method.name != "prompt_tuning" and t.objective == "sft"  # not classification
 
 
 def micro_batch_tokens(recipe) -> int | None:
@@ -329,7 +374,7 @@ def micro_batch_tokens(recipe) -> int | None:
     return microbatch.resolve(recipe.training.micro_batch_tokens, hardware.cuda()) if packing_applies(recipe) else None
 
 
-def save_artifact(trainer, recipe, out: Path, base: str | None = None) -> Path:
+def save_artifact(trainer, recipe, out: Path, base: str | None = None, classes=None) -> Path:
     """adapter/ (PEFT methods, with ftune.json naming base, method and model options) or model/ (full), written
     to a temporary folder and renamed into place.
 
@@ -351,6 +396,8 @@ def save_artifact(trainer, recipe, out: Path, base: str | None = None) -> Path:
         if not full:
             m = recipe.model
             record = {"base": base or m.base, "method": recipe.method.model_dump(), "model": m.model_dump()}
+            if classes is not None:  # the adapter's head is for these classes, in this order
+                record["classification"] = {"input": classes.input, "labels": classes.names}
             files.write_json(tmp / rundir.ADAPTER_RECORD, record)
         if final.exists():  # a save that was interrupted after its rename (never the user's: this is our run)
             shutil.rmtree(final)
@@ -446,6 +493,23 @@ class PairMetricsLog(MetricsLog):
     @staticmethod
     def eval_logs(result: dict) -> dict:
         return {"eval_accuracy": result["accuracy"], "eval_margin": result["margin"]}
+
+
+class ClassifierMetricsLog(MetricsLog):
+    """MetricsLog for classifiers: eval rows hold the loss, accuracy and macro F1 (classification.predict.score);
+    `classes` (names, collate) is set by the caller."""
+
+    classes = None
+
+    def measure(self, model) -> dict:
+        from finetune_cli.classification import predict
+
+        c = self.classes
+        return predict.score(model, self.examples, c.names, c.collate, self.batch_size)[0]
+
+    @staticmethod
+    def eval_logs(result: dict) -> dict:
+        return {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "eval_macro_f1": result["macro_f1"]}
 
 
 class Checkpoints(TrainerCallback):

@@ -1,0 +1,1 @@
+"""Classification fine-tuning: labels, inputs, the classifier model, predictions and their metrics."""

@@ -1,0 +1,107 @@
+"""The classifier: a base model loaded with transformers' sequence- or image-classification head (a fresh head of
+one output per class, seeded), its processor (tokenizer or image processor), and telling a classifier from a
+causal language model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune_cli.errors import FtuneError
+
+HEADS = ("score", "classifier")  # the head's name in transformers' *ForSequenceClassification / *ForImageClassification
+
+
+def architecture_task(source: str) -> str | None:
+    """"text" or "image" when the model folder (or hub id, from the local cache only) is a classifier, else None."""
+    config = Path(source) / "config.json"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name in architectures:
+        if str(name).endswith("ForSequenceClassification"):
+            return "text"
+        if str(name).endswith("ForImageClassification"):
+            return "image"
+    return None
+
+
+def labels_of(source: str) -> list[str]:
+    """A classifier folder's class names in id order (its config's id2label)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def load_processor(source: str, image: bool, trust_remote_code: bool = False):
+    """The tokenizer (a pad token set: the head reads each row's last non-pad token) or the image processor."""
+    from finetune_cli import models
+
+    if not image:
+        return models.load_tokenizer(source, None, trust_remote_code, require_template=False)
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear line
+        raise FtuneError(
+            f"{source}: no image processor (preprocessor_config.json) to read images with "
+            f"({str(exc).splitlines()[0][:120]}); image rows need an image model"
+        ) from None
+
+
+def load(
+    source: str,
+    names: list[str],
+    image: bool,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quantization=None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+):
+    """The base model with a classification head for `names`. A model that already is a classifier of these
+    classes keeps its head (a merged or fully fine-tuned one); otherwise the head is new, initialized from `seed`."""
+    import torch
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from finetune_cli import models
+
+    cls = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    kwargs = {"quantization_config": quantization} if quantization is not None else {}
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    if seed is not None:
+        torch.manual_seed(seed)  # the new head's initial weights
+    try:
+        model = cls.from_pretrained(
+            source,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            ignore_mismatched_sizes=True,  # an image model's own head (1000 ImageNet classes) is replaced
+            dtype=models.torch_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            kind = "image" if image else "sequence"
+            raise FtuneError(
+                f"{source}: transformers has no {kind}-classification head for this architecture "
+                f"({str(exc).splitlines()[0][:160]})"
+            ) from None
+        raise models.load_error(source, exc) from None
+    except Exception as exc:  # noqa: BLE001
+        raise models.load_error(source, exc) from None
+    return model
+
+
+def head_name(model) -> str:
+    """The classification head's module name (score, classifier)."""
+    for name in HEADS:
+        if getattr(model, name, None) is not None:
+            return name
+    raise FtuneError(f"{type(model).__name__}: no classification head named {' or '.join(HEADS)}")
