@@ -190,7 +190,9 @@ def eval_(
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="With --generate: tokens per answer."),
     predictions: Optional[Path] = typer.Option(
-        None, "--predictions", help="With --generate: JSONL of the answers (default: RUN/predictions.jsonl)."
+        None,
+        "--predictions",
+        help="JSONL of the answers (--generate) or a classifier's predictions (default: RUN/predictions.jsonl).",
     ),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --generate: temperature."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="With --generate: nucleus sampling probability."),
@@ -199,7 +201,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ):
     """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set; with --generate, task metrics
-    of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON)."""
+    of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON, label accuracy and macro F1). A classifier:
+    accuracy, macro F1, per-class precision/recall/F1 and the confusion matrix."""
     from finetune_cli import ui
     from finetune_cli.evaluation import evaluate
 
@@ -228,13 +231,67 @@ def eval_(
             )
         _emit(result, as_json, ui.generate_summary)
         return
-    if metrics is not None or predictions is not None:
-        raise FtuneError("--metrics and --predictions need --generate")
+    if metrics is not None:
+        raise FtuneError("--metrics needs --generate")
     with ui.eval_progress() as progress:
         result = evaluate.run(
-            target, [str(p) for p in data or []], base, compare_base, batch_size, max_length, stride, progress
+            target,
+            [str(p) for p in data or []],
+            base,
+            compare_base,
+            batch_size,
+            max_length,
+            stride,
+            progress,
+            str(predictions) if predictions else None,
         )
     _emit(result, as_json, ui.eval_summary)
+
+
+@app.command()
+def classify(
+    target: str = typer.Argument(..., help="A classifier: run directory, adapter folder or model folder."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text to classify (repeatable)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="An image file to classify (repeatable)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help='A data file of rows with "text" (or "image"): one JSON line out per row.'
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="With --data: write the JSONL here (a new file), not to stdout."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON on stdout."),
+):
+    """The class TARGET gives each text, image or data row, with its probability."""
+    from finetune_cli import files
+    from finetune_cli.evaluation import classifier
+
+    if sum(map(bool, (text, image, data))) != 1:
+        raise FtuneError("give --text, --image or --data (one of them)")
+    if data is None:
+        if output is not None:
+            raise FtuneError("--output goes with --data")
+        rows = classifier.classify_texts(target, list(text or []), [str(p) for p in image or []], batch_size)
+        if as_json:
+            _emit({"predictions": rows}, True)
+        else:
+            for row in rows:
+                sys.stdout.write(f"{row['prediction']}\t{row['probability']:.4f}\n")
+        return
+    if as_json:
+        raise FtuneError("--data writes JSON lines already; drop --json")
+    if output is None:
+        summary = classifier.classify_file(target, data, sys.stdout, batch_size)
+    else:
+        out = output.expanduser()
+        if out.exists() or out.is_symlink():
+            raise FtuneError(f"--output: {out} already exists; ftune never overwrites a file it did not write")
+        if not out.parent.is_dir():
+            raise FtuneError(f"--output: the folder {out.parent} does not exist")
+        with files.atomic_text(out) as stream:
+            summary = classifier.classify_file(target, data, stream, batch_size)
+    where = f" into {output}" if output else ""
+    sys.stderr.write(f"classified {summary['rows']} rows{where} ({summary['rows_per_second']} rows/s)\n")
 
 
 @app.command("merge-adapter")

@@ -34,6 +34,24 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextmanager
+def atomic_text(path: Path):
+    """A text stream to write `path` through, line by line (output larger than memory): renamed into place when
+    the body finishes, removed when it fails, so a half-written file never carries the name."""
+    path = Path(path)
+    tmp = _temporary(path, "tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield f
+            f.flush()
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 

@@ -277,7 +277,9 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _classification(self):
         if self.data.labels is not None and self.training.objective != "classification":
-            raise ValueError("data.labels applies to training.objective: classification; remove it or set the objective")
+            raise ValueError(
+                "data.labels applies to training.objective: classification; remove it or set the objective"
+            )
         if self.training.objective == "classification" and self.method.name == "prompt_tuning":
             raise ValueError(
                 "method prompt_tuning cannot train a classifier: PEFT feeds the virtual tokens as embeddings, so the "

@@ -61,6 +61,7 @@ class PairChange(_Result):
 
 
 class EvalResult(_Result):
+    kind: Literal["classification"] | None = None  # set for a classifier's eval (perplexity and pairs: unset)
     target: str
     base: str
     data: list[str]

@@ -327,7 +327,15 @@ def evaluation_markdown(run_dir: Path | None) -> list[str]:
     results = evaluations(run_dir) if run_dir is not None else []
     perplexity = [e for e in results if e.get("kind", "perplexity") == "perplexity"]
     generated = [e for e in results if e.get("kind") == "generate"]
+    classified = [e for e in results if e.get("kind") == "classification"]
     lines = []
+    if classified:
+        lines += ["", "## Classification (ftune eval)", "", "| data | model | rows | accuracy | macro F1 |"]
+        lines.append("|---|---|---|---|---|")
+        for e in classified:
+            data = ", ".join(str(d) for d in e.get("data", [])) or "?"
+            for m, r in e["results"].items():
+                lines.append(f"| {data} | {m} | {r['examples']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |")
     if perplexity:
         lines += ["", "## Evaluation (ftune eval)", "", "| data | model | scored tokens | perplexity |"]
         lines.append("|---|---|---|---|")

@@ -107,6 +107,25 @@ def train_summary(result: dict) -> None:
         console.print(f"[bold]tuned [/bold]  {sample['tuned']}")
 
 
+def classifier_summary(result: dict) -> None:
+    for name, r in result["results"].items():
+        table = Table(
+            title=f"ftune eval {result['target']} ({name}): accuracy {r['accuracy']:.4f}, macro F1 "
+            f"{r['macro_f1']:.4f}, loss {r['loss']:.4f}, {r['examples']:,} rows",
+            title_justify="left",
+        )
+        for col in ("class", "precision", "recall", "F1", "support"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for label, c in r["per_class"].items():
+            table.add_row(label, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+        console.print(table)
+        if r.get("worst"):
+            console.print(f"worst class {worst_class(r['worst'])}")
+    if result.get("predictions"):
+        console.print(f"predictions: {result['predictions']}")
+    console.print(f"data: {', '.join(result['data'])}")
+
+
 def worst_class(w: dict) -> str:
     taken = f"; taken for {w['confused_with']} {w['count']} times" if w.get("confused_with") else ""
     return f"{w['label']}: F1 {w['f1']:.3f}, recall {w['recall']:.3f} of {w['support']} rows{taken}"
@@ -140,6 +159,8 @@ def eval_progress():
 def eval_summary(result: dict) -> None:
     if any("margin" in r for r in result["results"].values()):
         return pair_summary(result)
+    if result.get("kind") == "classification":
+        return classifier_summary(result)
     table = Table(title=f"ftune eval {result['target']}", title_justify="left")
     for col in ("model", "scored tokens", "NLL", "loss", "perplexity"):
         table.add_column(col, justify="left" if col == "model" else "right")

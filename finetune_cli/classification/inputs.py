@@ -7,7 +7,7 @@ import io
 
 
 def modality(records: list[dict]) -> str:
-    """"image" when the rows hold images, else "text"."""
+    """ "image" when the rows hold images, else "text"."""
     return "image" if records and "image" in records[0] else "text"
 
 

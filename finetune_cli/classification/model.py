@@ -13,7 +13,7 @@ HEADS = ("score", "classifier")  # the head's name in transformers' *ForSequence
 
 
 def architecture_task(source: str) -> str | None:
-    """"text" or "image" when the model folder (or hub id, from the local cache only) is a classifier, else None."""
+    """ "text" or "image" when the model folder (or hub id, from the local cache only) is a classifier, else None."""
     config = Path(source) / "config.json"
     try:
         architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
@@ -105,3 +105,29 @@ def head_name(model) -> str:
         if getattr(model, name, None) is not None:
             return name
     raise FtuneError(f"{type(model).__name__}: no classification head named {' or '.join(HEADS)}")
+
+
+def load_target(found, dtype: str | None = None):
+    """(model, processor) for an opened classifier target (rundir.Target with a task): a model folder as saved,
+    or the base with a head for the adapter's classes and the adapter (LoRA layers and the trained head) on it."""
+    from finetune_cli import models
+
+    image = found.task == "image"
+    processor = load_processor(found.tokenizer, image, found.trust_remote_code)
+    dtype = dtype or found.dtype
+    if found.adapter is None:
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        cls = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+        try:
+            model = cls.from_pretrained(
+                found.weights, dtype=models.torch_dtype(dtype), trust_remote_code=found.trust_remote_code
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise models.load_error(found.weights, exc) from None
+        return model, processor
+    from peft import PeftModel
+
+    pad = getattr(processor, "pad_token_id", None)
+    base = load(found.weights, found.labels, image, dtype, found.trust_remote_code, pad_token_id=pad)
+    return PeftModel.from_pretrained(base, str(found.adapter)), processor

@@ -26,12 +26,19 @@ def run(
     max_length: int | None = None,
     stride: int | None = None,
     progress: Callable[[int], Callable[[int], None]] = lambda total: None,
+    predictions: str | None = None,
 ) -> EvalResult:
-    """Score TARGET (run directory, adapter or model folder, base name) on its eval data or `data`.
+    """Score TARGET (run directory, adapter or model folder, base name) on its eval data or `data`: perplexity, pair
+    metrics, or a classifier's metrics (with each row's prediction in `predictions`, by default the run's
+    predictions file).
 
     `progress(total_examples)` returns a per-batch callback, called once per scored model."""
     found = rundir.open_target(target)
     recipe = found.recipe
+    if found.task:
+        return _classifier(found, target, data, base_only or compare_base, batch_size, progress, predictions, stride)
+    if predictions is not None:
+        raise FtuneError("--predictions needs --generate (or a classifier, whose predictions eval writes)")
     if (compare_base or base_only) and found.kind == "model":
         raise FtuneError(f"--compare-base and --base need a run directory or an adapter; {target} is a model")
     names, records = _records(found, target, data)
@@ -43,7 +50,7 @@ def run(
     pairs = preference.is_pairs(records)
     if any("messages" in r or "chosen" in r for r in records) and not tokenizer.chat_template:
         raise FtuneError(f"{target}: the model has no chat template, so chat data cannot be scored")
-    if any("label" in r for r in records):
+    if any(preference.is_reply(r) for r in records):
         raise FtuneError(f"{', '.join(names)}: labelled replies (KTO) have no pair metrics; score preference pairs")
     if pairs and not all("chosen" in r for r in records):
         raise FtuneError(f"{', '.join(names)}: preference pairs and other data cannot be scored together")
@@ -124,16 +131,14 @@ def run_generate(
     from finetune_cli.inference import generate
 
     found = rundir.open_target(target)
+    if found.task:
+        raise FtuneError(
+            f"{target} is a classifier: it answers with a class, not generated text; drop --generate (ftune eval "
+            "reports its accuracy and macro F1)"
+        )
     if compare_base and found.kind == "model":
         raise FtuneError(f"--compare-base needs a run directory or an adapter; {target} is a model")
-    if predictions:
-        out_path = Path(predictions).expanduser()
-        if not out_path.parent.is_dir():
-            raise FtuneError(f"--predictions: the folder {out_path.parent} does not exist")
-        if out_path.exists() or out_path.is_symlink():
-            raise FtuneError(
-                f"--predictions: {out_path} already exists; ftune never overwrites a file it did not write"
-            )
+    out_path = _predictions_path(predictions)
     names, records = _records(found, target, data)
     if not predictions:  # the run's own file for this data set, replaced only by the same evaluation
         out_path = found.run_dir / _predictions_name(found.recipe, names) if found.run_dir else None
@@ -199,6 +204,43 @@ def run_generate(
             saved["predictions"] = _from_run(found.run_dir, out_path)
         rundir.save_evaluation(found.run_dir, saved)
     return out
+
+
+def _classifier(found, target, data, base, batch_size, progress, predictions, stride) -> EvalResult:
+    """A classifier's eval: accuracy, macro F1, per-class figures and confusion, its predictions written."""
+    from finetune_cli.evaluation import classifier
+
+    if base:
+        raise FtuneError(
+            f"{target} is a classifier: its base model has no trained head, so --base and --compare-base would "
+            "score a random one (the run's run.json holds that chance baseline as eval_before)"
+        )
+    if stride is not None:
+        raise FtuneError("--stride applies to perplexity; a classifier reads each text whole (up to max_length)")
+    out_path = _predictions_path(predictions)
+    names, records = _records(found, target, data)
+    if out_path is None and found.run_dir is not None:
+        out_path = found.run_dir / _predictions_name(found.recipe, names)
+    out = classifier.evaluate(found, target, names, records, batch_size, out_path, progress)
+    out.data_sha256 = [_sha256(f) for f in data] if data else None
+    if found.run_dir:
+        saved = out.dump()
+        if out_path is not None:
+            saved["predictions"] = _from_run(found.run_dir, out_path)
+        rundir.save_evaluation(found.run_dir, saved)
+    return out
+
+
+def _predictions_path(predictions: str | None) -> Path | None:
+    """--predictions: a new file in an existing folder (ftune never overwrites a file it did not write)."""
+    if not predictions:
+        return None
+    out_path = Path(predictions).expanduser()
+    if not out_path.parent.is_dir():
+        raise FtuneError(f"--predictions: the folder {out_path.parent} does not exist")
+    if out_path.exists() or out_path.is_symlink():
+        raise FtuneError(f"--predictions: {out_path} already exists; ftune never overwrites a file it did not write")
+    return out_path
 
 
 def _predictions_name(recipe, names: list[str]) -> str:

@@ -28,6 +28,7 @@ def export(target: str, out: str, quant: str = "q8_0", overwrite: bool = False, 
     quant = _check_quant(quant)
     folder = Path(out).expanduser()
     found = rundir.open_target(target)
+    found.refuse_classifier("llama.cpp and GGUF have no label head; export it with merge-adapter for transformers")
     if found.adapter is not None:
         from finetune_cli.rundir import check_lora
 

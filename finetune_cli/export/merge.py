@@ -39,9 +39,11 @@ def merge(
     rundir.check_output(out, "merge", overwrite, "--output")
     base_name = found.base
     merged, tokenizer = merged_model(found, dtype)
-    eos = end_of_turn_ids(tokenizer)
-    merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    eos = None
+    if not found.task:  # a classifier generates nothing: no stop tokens to carry
+        eos = end_of_turn_ids(tokenizer)
+        merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.name_or_path = str(out)
 
     with files.temporary_folder(out) as tmp:
@@ -50,12 +52,17 @@ def merge(
         (tmp / "README.md").write_text(_model_card(found, dtype), encoding="utf-8")
         rundir.check_output(out, "merge", overwrite, "--output")  # again: something may have appeared meanwhile
         rundir.replace_folder(tmp, out, "merge", [p.name for p in tmp.iterdir()])
-    return {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
+    result = {"output": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype, "eos_token_id": eos}
+    if found.task:
+        result["labels"] = found.labels
+    return result
 
 
 def merged_model(found: rundir.Target, dtype: str = "float32"):
     """(model, tokenizer) for an opened target, any LoRA adapter folded into its base loaded at `dtype` (full
     precision by default: never merged into 4-bit weights); the tokenizer carries the template training used."""
+    if found.task:  # a classifier: its head (trained in full beside the adapter) replaces the base's
+        return _merged_classifier(found, dtype)
     tokenizer = models.load_tokenizer(found.tokenizer, None, found.trust_remote_code, require_template=False)
     model = models.load_model(found.weights, dtype, found.trust_remote_code)
     if found.adapter is None:
@@ -65,6 +72,21 @@ def merged_model(found: rundir.Target, dtype: str = "float32"):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(found.adapter)).merge_and_unload(), tokenizer
+
+
+def _merged_classifier(found: rundir.Target, dtype: str):
+    from peft import PeftModel
+
+    from finetune_cli.classification import model as classifier
+
+    image = found.task == "image"
+    processor = classifier.load_processor(found.tokenizer, image, found.trust_remote_code)
+    if found.adapter is None:
+        return classifier.load_target(found, dtype)
+    pad = getattr(processor, "pad_token_id", None)
+    base = classifier.load(found.weights, found.labels, image, dtype, found.trust_remote_code, pad_token_id=pad)
+    _check_shapes(base, found.adapter, found.base)
+    return PeftModel.from_pretrained(base, str(found.adapter)).merge_and_unload(), processor
 
 
 def _check_shard_size(size: str) -> None:

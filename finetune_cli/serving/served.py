@@ -63,6 +63,7 @@ def open_targets(specs: list[str]) -> list[tuple[str, object]]:
     opened = []
     for spec, (name, source) in zip(specs, named):
         target = rundir.open_target(source)
+        target.refuse_classifier("the chat and completions API generate text, and a classifier has a label head")
         if target.adapter is not None and _prompt_learning(target.adapter):
             raise FtuneError(
                 f"{spec}: a {target.method.get('name', 'prompt tuning')} adapter cannot be served yet (only LoRA "

@@ -17,8 +17,8 @@ def check_data(objective: str, train: list[dict], evals: list[dict], where: str)
         other = next((r for r in train + evals if not is_row(r)), None)
         if other is not None:
             raise FtuneError(
-                f"{other['source']}: training.objective classification reads rows {{\"text\", \"label\"}} (or "
-                f"\"image\", \"label\"); this row is in {other['format']} format (map other field names with "
+                f'{other["source"]}: training.objective classification reads rows {{"text", "label"}} (or '
+                f'"image", "label"); this row is in {other["format"]} format (map other field names with '
                 "data.columns)"
             )
         return

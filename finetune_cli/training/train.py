@@ -368,9 +368,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     before = measure(model, plan.eval_examples, t.batch_size, pad) if plan.eval_examples else None
 
     stopper = stop.callback()
-    fit = trainer.build(
-        recipe, plan.source, model, tokenizer, plan.train_examples, out, [*callbacks, stopper], classes
-    )
+    fit = trainer.build(recipe, plan.source, model, tokenizer, plan.train_examples, out, [*callbacks, stopper], classes)
     metrics_file = (out / rundir.METRICS).open("a", encoding="utf-8") if launch.is_main() else None
     metrics = log_class(fit, metrics_file, plan.eval_examples, t.batch_size, t.eval_steps, pad, before, stopper)
     metrics.classes = classes
