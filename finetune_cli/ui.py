@@ -48,10 +48,13 @@ def progress_callback():
                 self.eval = f"  eval ppl {logs['eval_perplexity']:.3f}"
             elif "eval_margin" in logs and state.global_step > 0:
                 self.eval = f"  eval margin {logs['eval_margin']:.3f} acc {logs['eval_accuracy']:.2f}"
+            elif "eval_macro_f1" in logs and state.global_step > 0:
+                self.eval = f"  eval acc {logs['eval_accuracy']:.3f} F1 {logs['eval_macro_f1']:.3f}"
             elif "loss" in logs:
                 elapsed = max(time.time() - self.start, 1e-9)
-                self.train = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
-                self.train += f"{state.num_input_tokens_seen / elapsed:,.0f} tok/s"
+                self.train = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+                if state.num_input_tokens_seen:  # image classifiers count no tokens
+                    self.train += f"  {state.num_input_tokens_seen / elapsed:,.0f} tok/s"
             if self.progress is not None:
                 self.progress.update(self.task, stats=self.train + self.eval)
 
@@ -71,7 +74,8 @@ def train_summary(result: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("run", result["run_dir"])
-    table.add_row("steps", f"{result['steps']} in {result['seconds']:.0f} s ({result['tokens_seen']:,} tokens)")
+    tokens = f" ({result['tokens_seen']:,} tokens)" if result.get("tokens_seen") else ""
+    table.add_row("steps", f"{result['steps']} in {result['seconds']:.0f} s{tokens}")
     if result.get("first_loss") is not None:
         table.add_row("train loss", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} (first -> last step)")
     before, after = result.get("eval_before"), result.get("eval_after")
