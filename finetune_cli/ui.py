@@ -249,38 +249,69 @@ def validate_report(report: dict) -> None:
     for warning in report["warnings"][:20]:
         console.print(f"warning: {warning}", markup=False, style="yellow")
     s = report["stats"]
-    stats = Table(title="training data (before truncation)", title_justify="left")
-    for col in ("per example", "min", "p50", "p95", "max"):
-        stats.add_column(col, justify="left" if col == "per example" else "right")
-    for name, key in (("tokens", "tokens"), ("learned tokens", "learned_tokens")):
-        stats.add_row(name, *(f"{s[key][q]:,}" for q in ("min", "p50", "p95", "max")))
-    console.print(stats)
-    console.print(
-        f"{s['examples']:,} examples; {s['over_max_length']:,} over max_length {s['max_length']:,} "
-        f"(truncation loses {s['learned_tokens_lost_to_truncation']:,} learned tokens); "
-        f"{s['learned_tokens_per_epoch']:,} learned tokens per epoch; {s['steps_per_epoch']:,} steps per epoch"
-    )
+    if "labels" in s:
+        class_table(s)
+    if "tokens" in s:
+        stats = Table(title="training data (before truncation)", title_justify="left")
+        for col in ("per example", "min", "p50", "p95", "max"):
+            stats.add_column(col, justify="left" if col == "per example" else "right")
+        for name, key in (("tokens", "tokens"), ("learned tokens", "learned_tokens")):
+            if key in s:
+                stats.add_row(name, *(f"{s[key][q]:,}" for q in ("min", "p50", "p95", "max")))
+        console.print(stats)
+    if "labels" in s:
+        over = f"; {s['over_max_length']:,} texts over max_length {s['max_length']:,} (truncated)"
+        over = over if "tokens" in s else ""
+        console.print(f"{s['examples']:,} examples{over}; {s['steps_per_epoch']:,} steps per epoch")
+    else:
+        console.print(
+            f"{s['examples']:,} examples; {s['over_max_length']:,} over max_length {s['max_length']:,} "
+            f"(truncation loses {s['learned_tokens_lost_to_truncation']:,} learned tokens); "
+            f"{s['learned_tokens_per_epoch']:,} learned tokens per epoch; {s['steps_per_epoch']:,} steps per epoch"
+        )
     if report["ok"]:
         console.print("[green]ok[/green]: no bad lines")
     else:
         console.print(f"[red]{report['error_count']} error(s)[/red]")
 
 
+def class_table(s: dict) -> None:
+    """A classifier's rows per class, training and eval, and the imbalance."""
+    evals = s.get("eval", {}).get("labels", {})
+    table = Table(title=f"classes ({s['input']})", title_justify="left")
+    for col in ("class", "train", "eval"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, n in s["labels"].items():
+        table.add_row(Text(name), f"{n:,}", f"{evals.get(name, 0):,}" if "eval" in s else "-")
+    console.print(table)
+    console.print(f"imbalance (largest/smallest class in training): {s['imbalance']}")
+
+
 def preview(examples: list[dict]) -> None:
-    """Tokens on alternating shades so boundaries show; learned tokens green, masked ones grey."""
+    """Tokens on alternating shades so boundaries show; learned tokens green, masked ones grey. A classifier's
+    rows show their label and class id (the loss is on the class: no token is learned)."""
 
     styles = {True: ("black on green3", "black on dark_sea_green2"), False: ("grey70 on grey15", "grey70 on grey30")}
     for ex in examples:
         more = f", first of {ex['chunks']} chunks" if ex["chunks"] > 1 else ""
-        console.rule(
-            f"{ex['source']}  {ex['count']} tokens, {ex['learned']} learned" + ", truncated" * ex["truncated"] + more
-        )
+        if "label" in ex:
+            console.rule(ex["source"] if "image" in ex else f"{ex['source']}  {ex['count']} tokens" + more)
+            cls = "not a known class" if ex["class_id"] is None else f"class id {ex['class_id']}"
+            truncated = ", text truncated to max_length" * ex["truncated"]
+            console.print(f"label {ex['label']} ({cls}){truncated}", markup=False, style="bold")
+            if "image" in ex:
+                console.print(f"image {ex['image']}", markup=False)
+                continue
+        else:
+            head = f"{ex['source']}  {ex['count']} tokens, {ex['learned']} learned"
+            console.rule(head + ", truncated" * ex["truncated"] + more)
         text = Text()
         for i, tok in enumerate(ex["tokens"]):
             piece = tok["text"].replace("\n", "\u21b5\n")
             text.append(piece, style=styles[tok["learned"]][i % 2])
         console.print(text)
-    console.print(Text.assemble(("learned", "black on green3"), "  ", ("not learned", "grey70 on grey15")))
+    if any("label" not in ex for ex in examples):
+        console.print(Text.assemble(("learned", "black on green3"), "  ", ("not learned", "grey70 on grey15")))
 
 
 def human_bytes(n: int) -> str:

@@ -101,7 +101,8 @@ def test_shipped_recipes_all_validate():
         if "smollm2" not in item["name"] and item["name"] != "quickstart":
             continue  # GPU recipes name hub models: their tokenizers are not here offline
         result, report = validate(item["path"])
-        expected = {"smollm2-dpo": 61}.get(item["name"], 240)  # the DPO recipe has its own preference pairs
+        # the DPO and classifier recipes have their own data
+        expected = {"smollm2-dpo": 61, "smollm2-classify": 320, "smollm2-classify-chat": 320}.get(item["name"], 240)
         assert result.exit_code == 0 and report["ok"] and report["stats"]["examples"] == expected, item["name"]
 
 
@@ -268,3 +269,142 @@ def test_a_truncated_parquet_file_is_not_a_missing_file(tmp_path, tiny_model_dir
     (tmp_path / "object.json").write_text(json.dumps({"rows": [conversation(1)]}, indent=1), encoding="utf-8")
     result, report = validate(recipe_file(tmp_path, tiny_model_dir, train="object.json"))
     assert list(report["errors"]) == ["unreadable data"], result.output  # there, but not data ftune can read
+
+
+def classify_recipe(tmp_path, model_dir, train, evals=None, extra=""):
+    """A classification recipe over rows written to train.jsonl (and eval.jsonl)."""
+    write_jsonl(tmp_path / "train.jsonl", train)
+    if evals is not None:
+        write_jsonl(tmp_path / "eval.jsonl", evals)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"model:\n  base: {model_dir}\ndata:\n  train: train.jsonl\n"
+        + ("  eval: eval.jsonl\n" if evals is not None else "")
+        + f"  max_length: 12\n{extra}training:\n  objective: classification\n  batch_size: 4\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_classification_counts_tokens_and_imbalance(tmp_path, builtin_dir, tokenizer):
+    from collections import Counter
+
+    train = [{"text": "word " * (1 + i % 17), "label": ["spam", "ham", 7][i % 9 // 4]} for i in range(45)]
+    evals = [{"text": f"eval row {i}", "label": ["ham", "spam"][i % 2]} for i in range(5)]
+    path = classify_recipe(tmp_path, builtin_dir, train, evals)
+    result, report = validate(path)
+    assert result.exit_code == 0 and report["ok"], result.output
+    s = report["stats"]
+    expected = Counter(str(r["label"]) for r in train)
+    assert s["labels"] == dict(expected) and sum(s["labels"].values()) == s["examples"] == 45
+    assert s["eval"]["labels"] == {**{k: 0 for k in expected}, **Counter(r["label"] for r in evals)}
+    assert s["imbalance"] == round(max(expected.values()) / min(expected.values()), 2) > 3
+    lengths = sorted(len(tokenizer(r["text"])["input_ids"]) for r in train)
+    assert s["tokens"] == {"min": lengths[0], "p50": lengths[22], "p95": lengths[42], "max": lengths[-1]}
+    assert s["over_max_length"] == sum(n > 12 for n in lengths) > 0
+    assert s["steps_per_epoch"] == math.ceil(45 / 4) and "learned_tokens" not in s
+    assert any("training.class_weights: balanced" in w for w in report["warnings"])
+    assert any(w.startswith(f"{sum(n > 12 for n in lengths)} texts are longer than") for w in report["warnings"])
+    result, report = validate(path, "--set", "training.class_weights=balanced")
+    assert not any("imbalanced" in w for w in report["warnings"])
+    human = runner.invoke(app, ["validate", str(path)])
+    text = " ".join(human.stderr.split())
+    assert (
+        human.exit_code == 0
+        and f"│ spam │ {expected['spam']} │ 2 │" in text
+        and f"class in training): {s['imbalance']}" in text
+    )
+
+
+@pytest.mark.parametrize(
+    "train, evals, extra, kind, where",
+    [
+        (
+            [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+            [{"text": "c", "label": "z"}],
+            "",
+            "labels",
+            "eval.jsonl:1",
+        ),
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], None, "", "labels", "train.jsonl"),
+        (
+            [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "w"}],
+            None,
+            "  labels: [x, y]\n",
+            "labels",
+            "train.jsonl:3",
+        ),
+        (
+            [{"text": "a", "label": "x"}, {"text": "", "label": "y"}, {"text": "c", "label": "y"}],
+            None,
+            "",
+            "empty content",
+            "train.jsonl:2",
+        ),
+        (
+            [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": False}],
+            None,
+            "",
+            "wrong type",
+            "train.jsonl:3",
+        ),
+    ],
+)
+def test_classification_errors_name_their_rows(tmp_path, builtin_dir, train, evals, extra, kind, where):
+    result, report = validate(classify_recipe(tmp_path, builtin_dir, train, evals, extra))
+    assert result.exit_code == 1 and not report["ok"], result.output
+    assert list(report["errors"]) == [kind]
+    assert [e["where"] for e in report["errors"][kind]] == [str(tmp_path / where)]
+
+
+def test_classification_rows_under_sft_are_an_objective_error(tmp_path, builtin_dir):
+    path = classify_recipe(tmp_path, builtin_dir, [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    result, report = validate(path, "--set", "training.objective=sft")
+    assert result.exit_code == 1 and list(report["errors"]) == ["objective"], result.output
+    [error] = report["errors"]["objective"]
+    assert (
+        error["where"] == f"{tmp_path / 'train.jsonl'}:1" and "training.objective: classification" in error["message"]
+    )
+
+
+def test_classification_preview_shows_tokens_and_label(tmp_path, builtin_dir, tokenizer):
+    rows = [{"text": "first text to classify", "label": "b"}, {"text": "second " * 20, "label": "a"}]
+    path = classify_recipe(tmp_path, builtin_dir, rows, extra="  labels: [b, a]\n")
+    result = runner.invoke(app, ["preview", str(path), "--count", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert [(s["label"], s["class_id"]) for s in shown] == [("b", 0), ("a", 1)]
+    assert [t["id"] for t in shown[0]["tokens"]] == tokenizer(rows[0]["text"])["input_ids"]
+    assert [t["id"] for t in shown[1]["tokens"]] == tokenizer(rows[1]["text"])["input_ids"][:12] and shown[1][
+        "truncated"
+    ]
+    human = runner.invoke(app, ["preview", str(path)])
+    assert human.exit_code == 0 and "label b (class id 0)" in human.stderr
+
+
+def test_classification_images_need_no_tokenizer(tmp_path, builtin_dir, monkeypatch):
+    from collections import Counter
+
+    from PIL import Image
+
+    from finetune_cli import models
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("image rows load no tokenizer")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_tokenizer)
+    for i in range(5):
+        Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [{"image": f"{i}.png", "label": "cat" if i < 3 else "dog"} for i in range(5)]
+    path = classify_recipe(tmp_path, builtin_dir, rows)
+    result, report = validate(path)
+    assert result.exit_code == 0 and report["ok"], result.output
+    assert report["stats"]["labels"] == dict(Counter(r["label"] for r in rows)) and "tokens" not in report["stats"]
+    shown = json.loads(runner.invoke(app, ["preview", str(path), "--json"]).stdout)
+    assert shown[0]["image"] == str(tmp_path / "0.png") and shown[0]["label"] == "cat"
+    path = classify_recipe(tmp_path, builtin_dir, [*rows, {"image": "broken.png", "label": "dog"}])
+    result, report = validate(path)
+    assert result.exit_code == 1 and [e["where"] for e in report["errors"]["image"]] == [
+        f"{tmp_path / 'train.jsonl'}:6"
+    ]

@@ -3,7 +3,8 @@
 validate reads every row of every data source (tokenizer only), groups bad rows by kind with file and line
 or row (the first SHOWN of each kind, and how many), warns about missing system messages and duplicates, and
 counts tokens and learned tokens per example before truncation, what truncation to max_length would lose, and
-the steps an epoch takes.
+the steps an epoch takes. A classifier's rows (training.objective: classification) get training's label checks
+as errors, and counts per class, the imbalance and tokens per text instead of learned tokens.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections import Counter
 from pathlib import Path
 
 from finetune_cli import models
+from finetune_cli.classification import inputs, labels
 from finetune_cli.data import jsonl, preference, sources
 from finetune_cli.data.formats import PAIR_FIELDS, LineError
 from finetune_cli.data.masking import IGNORE, map_records, tokenize, tokenize_text
 from finetune_cli.errors import FtuneError
 from finetune_cli.results import ValidateReport
-from finetune_cli.training import methods
+from finetune_cli.training import classifier, methods
 
 PREFERENCE_KEYS = ("prompt", *PAIR_FIELDS, "completion", "label")
 
@@ -53,6 +55,15 @@ def validate(recipe) -> ValidateReport:
     train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
     lines = _unique(train + evals)  # every line read once: weights repeat lines, eval_split moves them
     source, weights = _sources(recipe)
+    if recipe.training.objective == "classification":
+        stats, warnings = _classification(recipe, train, evals, source, errors)
+        return _report(recipe, files, errors, _warnings(lines) + warnings + _device_warnings(recipe), stats)
+    try:
+        classifier.check_data(recipe.training.objective, train, evals, d.files()[0].path)
+    except FtuneError as exc:
+        errors.append(_named("objective", exc, d.files()[0].path))
+    train, evals = [r for r in train if not classifier.is_row(r)], [r for r in evals if not classifier.is_row(r)]
+    lines = [r for r in lines if not classifier.is_row(r)]
     tokenizer = _tokenizer(recipe, lines, source)
     counted = {}
     for chunk in map_records(tokenizer, lines, _count_chunk, d.max_length, d.train_on, d.system_prompt):
@@ -85,10 +96,10 @@ def validate(recipe) -> ValidateReport:
     warnings = _warnings(lines) + _length_warnings(
         [r for r in _unique(train) if "messages" in r], counted, d.max_length, weights
     )
-    try:
-        methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
-    except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
-        warnings.insert(0, f"this machine cannot train this recipe as it is: {exc}")
+    return _report(recipe, files, errors, _device_warnings(recipe) + warnings, stats)
+
+
+def _report(recipe, files: list[dict], errors: list[LineError], warnings: list[str], stats: dict) -> ValidateReport:
     by_kind: dict[str, list[dict]] = {}
     counts = Counter(e.kind for e in errors)
     for e in errors:
@@ -108,6 +119,102 @@ def validate(recipe) -> ValidateReport:
             "ok": not errors,
         }
     )
+
+
+def _device_warnings(recipe) -> list[str]:
+    t = recipe.training
+    try:
+        methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
+    except FtuneError as exc:  # the recipe may be meant for another machine: say so, do not fail
+        return [f"this machine cannot train this recipe as it is: {exc}"]
+    return []
+
+
+def _named(kind: str, exc: FtuneError, where: str) -> LineError:
+    """A preflight FtuneError as a LineError at the file:line it names (else at `where`)."""
+    text = str(exc)
+    named, _, detail = text.partition(": ")
+    return LineError(kind, named, detail) if detail else LineError(kind, where, text)
+
+
+def _classification(recipe, train: list[dict], evals: list[dict], source: str, errors: list) -> tuple[dict, list]:
+    """What `ftune train` checks in preflight for a classifier, every bad row an error rather than the first one;
+    and per-class counts, imbalance, token counts per text (images: none) and steps per epoch."""
+    d, t, first = recipe.data, recipe.training, recipe.data.files()[0].path
+    try:
+        classifier.check_data(t.objective, train, evals, first)
+    except FtuneError as exc:
+        errors.append(_named("objective", exc, first))
+    train, evals = [r for r in train if classifier.is_row(r)], [r for r in evals if classifier.is_row(r)]
+    _check_classes(recipe, train, evals, first, errors)
+    names = list(d.labels) if d.labels is not None else labels.ordered(r["label"] for r in train)
+    names += labels.ordered({r["label"] for r in train + evals} - set(names))  # shown too, as errors above
+    count = labels.counts(train, names)
+    per_step = t.batch_size * t.gradient_accumulation * recipe.distributed.num_processes
+    images = inputs.modality(train + evals) == "image"
+    stats = {
+        "input": "image" if images else "text",
+        "examples": len(train),
+        "classes": names,
+        "labels": count,
+        "imbalance": labels.imbalance(count),
+        "max_length": d.max_length,
+        "steps_per_epoch": math.ceil(len(train) / per_step) if train else 0,
+    }
+    warnings = []
+    if stats["imbalance"] and stats["imbalance"] > 3 and t.class_weights in (None, "none"):
+        warnings.append(
+            f"the classes are imbalanced (largest/smallest {stats['imbalance']}); "
+            "training.class_weights: balanced weighs the rare ones up"
+        )
+    empty = [n for n in d.labels or [] if not count.get(n)]
+    if empty:
+        warnings.append(f"data.labels names {', '.join(empty)} with no training rows: the model cannot learn them")
+    if not images and (train or evals):
+        tokenizer = _tokenizer(recipe, [], source)
+        rows = _unique(train + evals)
+        ids = tokenizer([r["text"] for r in rows], truncation=False, add_special_tokens=True)["input_ids"]
+        lengths = {r["source"]: len(i) for r, i in zip(rows, ids)}
+        stats.update(_text_stats([lengths[r["source"]] for r in train], d.max_length))
+        over = [r["source"] for r in _unique(train) if lengths[r["source"]] > d.max_length]
+        if over:
+            warnings.append(
+                f"{len(over)} texts are longer than data.max_length {d.max_length} and are truncated to it "
+                f"(first: {over[0]})"
+            )
+    if evals:
+        stats["eval"] = {"examples": len(evals), "labels": labels.counts(evals, names)}
+        if not images:
+            stats["eval"].update(_text_stats([lengths[r["source"]] for r in evals], d.max_length))
+    return stats, warnings
+
+
+def _check_classes(recipe, train: list[dict], evals: list[dict], first: str, errors: list) -> None:
+    """training.classifier.classes as errors: each unreadable image, each row whose label it refuses (the row it
+    names is dropped and it runs again), then what is wrong with the data as a whole (one class)."""
+    for r in _unique(train + evals):  # each unreadable image, not only the first
+        if isinstance(r.get("image"), (str, bytes)):
+            try:
+                classifier.check_images([r])
+            except FtuneError as exc:
+                errors.append(_named("image", exc, r["source"]))
+    bad = {e.where for e in errors if e.kind == "image"}
+    train, evals = [r for r in train if r["source"] not in bad], [r for r in evals if r["source"] not in bad]
+    while True:  # a row the labels check names is dropped and the check runs again, to name every such row
+        try:
+            classifier.classes(recipe, train, evals, first)
+            break
+        except FtuneError as exc:
+            error = _named("labels", exc, first)
+            errors.append(error)
+            if error.where not in {r["source"] for r in train + evals}:
+                break
+            train = [r for r in train if r["source"] != error.where]
+            evals = [r for r in evals if r["source"] != error.where]
+
+
+def _text_stats(lengths: list[int], max_length: int) -> dict:
+    return {"tokens": _spread(lengths), "over_max_length": sum(n > max_length for n in lengths)}
 
 
 def _unique(records: list[dict]) -> list[dict]:
@@ -196,9 +303,7 @@ def _warnings(records: list[dict]) -> list[str]:
     firsts: dict[bytes, str] = {}  # a digest of each example's content, not its text: big sets stay small here
     duplicates = []
     for r in records:
-        content = r.get("messages", r.get("text")) if "prompt" not in r else [r.get(k) for k in PREFERENCE_KEYS]
-        text = json.dumps(content, sort_keys=True)
-        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = hashlib.blake2b(_content(r), digest_size=16).digest()
         if digest in firsts and firsts[digest] != r["source"]:
             duplicates.append(f"{r['source']}: duplicate of {firsts[digest]}")
         firsts.setdefault(digest, r["source"])
@@ -209,6 +314,17 @@ def _warnings(records: list[dict]) -> list[str]:
     if ends.get("user"):
         out.append(f"{ends['user']} conversations end with a user turn that nothing answers (it is not learned)")
     return out
+
+
+def _content(record: dict) -> bytes:
+    """What makes two rows duplicates: the conversation, text, pair or image (a path or its bytes)."""
+    if isinstance(record.get("image"), bytes):
+        return record["image"]
+    if "prompt" in record:
+        content = [record.get(k) for k in PREFERENCE_KEYS]
+    else:
+        content = record.get("messages", record.get("text", record.get("image")))
+    return json.dumps(content, sort_keys=True).encode("utf-8", "surrogatepass")
 
 
 def _length_warnings(chats: list[dict], counted: dict, max_length: int, source: str) -> list[str]:
@@ -265,21 +381,28 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
         records += jsonl.read(spec, spec.format, spec.columns, d.system_prompt)
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
-    tokenizer = _tokenizer(recipe, records)
+    shown = records[index : index + count]
+    needs_tokenizer = any("image" not in r for r in shown)  # image rows: the model may have no tokenizer at all
+    tokenizer = _tokenizer(recipe, [r for r in shown if not classifier.is_row(r)]) if needs_tokenizer else None
+    names = labels.ordered(r["label"] for r in records if classifier.is_row(r))
+    names = list(d.labels) if d.labels is not None else names
     out = []
-    for r in records[index : index + count]:
+    for r in shown:
+        if classifier.is_row(r):
+            out.append(_preview_row(tokenizer, r, names, d.max_length))
+            continue
         if "chosen" in r or "label" in r:
             out += _preview_pair(tokenizer, r, d.max_length, d.system_prompt)
             continue
         if "text" in r:  # training cuts long texts into max_length chunks, losing nothing: show the first
             chunks = tokenize_text(tokenizer, r["text"], d.max_length) or [{"input_ids": [], "labels": []}]
-            ids, labels, truncated, parts = chunks[0]["input_ids"], chunks[0]["labels"], False, len(chunks)
+            ids, marks, truncated, parts = chunks[0]["input_ids"], chunks[0]["labels"], False, len(chunks)
         else:
             ex = tokenize(tokenizer, r["messages"], d.max_length, d.train_on)
-            ids, labels, truncated, parts = ex["input_ids"], ex["labels"], ex["truncated"], 1
+            ids, marks, truncated, parts = ex["input_ids"], ex["labels"], ex["truncated"], 1
         tokens = [
             {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": lab != IGNORE}
-            for t, lab in zip(ids, labels)
+            for t, lab in zip(ids, marks)
         ]
         out.append(
             {
@@ -292,6 +415,29 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
             }
         )
     return out
+
+
+def _preview_row(tokenizer, record: dict, names: list[str], max_length: int) -> dict:
+    """A classification row as the classifier reads it: its text's tokens after truncation (none is learned: the
+    loss is on the class) or its image, and its label with its class id (None: a label outside the classes)."""
+    image = record.get("image")
+    ids = [] if "image" in record else tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+    tokens = [
+        {"id": t, "text": tokenizer.decode([t], clean_up_tokenization_spaces=False), "learned": False}
+        for t in ids[:max_length]
+    ]
+    shown = {"image": image if isinstance(image, str) else f"({len(image)} bytes)"} if "image" in record else {}
+    return {
+        "source": record["source"],
+        **shown,
+        "tokens": tokens,
+        "count": len(tokens),
+        "learned": 0,
+        "truncated": len(ids) > max_length,
+        "chunks": 1,
+        "label": record["label"],
+        "class_id": names.index(record["label"]) if record["label"] in names else None,
+    }
 
 
 def _preview_pair(tokenizer, record: dict, max_length: int, system_prompt: str | None) -> list[dict]:
