@@ -14,6 +14,7 @@ tmp=$(mktemp)
   "$py" benchmarks/train_throughput.py --repeats "${REPEATS:-2}" --features
   "$py" benchmarks/eval_throughput.py
   "$py" benchmarks/eval_generate.py
+  "$py" benchmarks/classify.py
   "$py" benchmarks/serve_throughput.py
   "$py" benchmarks/data_scale.py --sizes "${DATA_SCALE_SIZES:-1000,50000,200000}"   # ~1 h on 2 cores
   if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
