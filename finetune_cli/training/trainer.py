@@ -345,8 +345,19 @@ def build_classifier(recipe, source: str, model, processor, train_examples: list
     config = methods.peft_config(method, source, classifier=classes.input, head=classes.head)
     if config is not None:  # before the Trainer, which refuses a quantized model without an adapter
         from peft import get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except NoMatchingPeftModuleError:
+            from finetune_cli.classification.model import linear_names
+
+            named = method.target_modules
+            named = named if isinstance(named, str) else ", ".join(named)
+            raise FtuneError(
+                f"method.target_modules: {named} names no layer of {source}; its linear layers are "
+                f"{', '.join(linear_names(model, classes.head))} (or use all-linear)"
+            ) from None
     trainer = Trainer(
         model=model,
         args=args,
