@@ -12,7 +12,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one t
     os.environ["OMP_NUM_THREADS"] = "1"
 
 # Tests that share a trained run go to one worker (pytest-xdist's loadgroup), so each run is trained once.
-SHARED_RUNS = {"quickstart_run": "quickstart", "quickstart_merged": "quickstart", "qlora_run": "qlora"}
+SHARED_RUNS = {
+    "quickstart_run": "quickstart",
+    "quickstart_merged": "quickstart",
+    "qlora_run": "qlora",
+    "classifier_run": "classifier",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -184,3 +189,66 @@ def quickstart_merged(quickstart_run, tmp_path_factory) -> Path:
     out = subprocess.run([ftune, "merge-adapter", quickstart_run[0], "-o", merged], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return merged
+
+
+# A text classifier trained once per session (tests/test_classify.py): a keyword decides the class.
+
+CLASS_WORDS = {"red": "color", "blue": "color", "seven": "number", "nine": "number", "apple": "fruit"}
+
+
+def classification_rows(n: int, offset: int = 0) -> list[dict]:
+    """Rows {"text", "label"} whose label is decided by one keyword; classes 12:8:4 in 24 rows (imbalanced, so
+    balanced class weights differ from none); texts of varied length, so batches are padded."""
+    words = ["red", "seven", "blue", "nine", "red", "apple"]
+    return [
+        {"text": f"item {i + offset} is {words[i % 6]}" + " indeed" * (i % 3), "label": CLASS_WORDS[words[i % 6]]}
+        for i in range(n)
+    ]
+
+
+def classifier_recipe(folder: Path, model_dir: Path, **training) -> Path:
+    """24 rows, one optimizer step per epoch (3 micro-batches of 8 accumulated), balanced class weights, fp32."""
+    import yaml
+
+    write_jsonl(folder / "train.jsonl", classification_rows(24))
+    write_jsonl(folder / "eval.jsonl", classification_rows(9, offset=100))
+    recipe = {
+        "model": {"base": str(model_dir)},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 32, "cache": False},
+        "method": {"name": "lora", "r": 8, "dropout": 0.0},
+        "training": {
+            "objective": "classification",
+            "class_weights": "balanced",
+            "epochs": 4,
+            "batch_size": 8,
+            "gradient_accumulation": 3,
+            "learning_rate": 1.0e-2,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0,
+            "precision": "fp32",
+            "logging_steps": 1,
+            "save_steps": 2,
+            **training,
+        },
+        "output": {"dir": str(folder / "run")},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory, tokenizer):
+    """(run directory, recipe path, train() summary) of the classifier above, trained in-process. Its base's
+    config has no pad_token_id, like many a real base: ftune must set it for padded batches and the saved head."""
+    from finetune_cli import recipe
+    from finetune_cli.training import train
+
+    folder = tmp_path_factory.mktemp("classifier")
+    base = tiny_model(folder / "base", tokenizer)
+    config = json.loads((base / "config.json").read_text())
+    del config["pad_token_id"]
+    (base / "config.json").write_text(json.dumps(config))
+    path = classifier_recipe(folder, base)
+    summary = train.run(recipe.load(path), samples=0)
+    return Path(summary["run_dir"]), path, summary

@@ -13,11 +13,10 @@ HEADS = ("score", "classifier")  # the head's name in transformers' *ForSequence
 
 
 def architecture_task(source: str) -> str | None:
-    """ "text" or "image" when the model folder (or hub id, from the local cache only) is a classifier, else None."""
-    config = Path(source) / "config.json"
+    """ "text" or "image" when the model folder or hub id is a classifier (its config's architectures), else None."""
     try:
-        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
+        architectures = json.loads(Path(_config_file(source)).read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
     for name in architectures:
         if str(name).endswith("ForSequenceClassification"):
@@ -25,6 +24,20 @@ def architecture_task(source: str) -> str | None:
         if str(name).endswith("ForImageClassification"):
             return "image"
     return None
+
+
+def _config_file(source: str) -> str | None:
+    """A model's config.json: in its folder, or a hub id's from the Hugging Face cache (downloaded when missing,
+    as loading the model would)."""
+    local = Path(source) / "config.json"
+    if local.is_file() or Path(source).is_dir():
+        return str(local)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(source, "config.json")
+    except Exception:  # noqa: BLE001 - not a hub id, or unreachable: loading the model will say so
+        return None
 
 
 def labels_of(source: str) -> list[str]:
