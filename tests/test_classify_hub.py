@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
