@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from finetune_cli.data.formats import LineError
 from finetune_cli.errors import FtuneError
 
 
@@ -24,21 +23,6 @@ class Classes:
     head: str | None = None  # the head module's name, once the model is loaded
     collate: object = None  # classification.inputs.Collator
     counts: dict = field(default_factory=dict)  # training rows per class
-
-
-def name(value, where: str) -> str:
-    """A row's label as its class name; raise LineError for what cannot be one."""
-    if isinstance(value, float) and value.is_integer():  # Parquet and pandas store integer columns with nulls so
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        kind = "true/false" if isinstance(value, bool) else type(value).__name__
-        raise LineError("wrong type", where, f'"label" is {kind}; a class label is a string or an integer')
-    text = str(value).strip()
-    if not text:
-        raise LineError("empty content", where, '"label" is empty; give each row its class')
-    if "\n" in text:
-        raise LineError("wrong type", where, '"label" spans lines; a class label is one line')
-    return text
 
 
 def names_from_recipe(values: list) -> list[str]:

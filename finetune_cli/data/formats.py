@@ -342,11 +342,9 @@ def convert_labelled(record: dict, where: str) -> dict:
     """One classification row as {"text": ..., "label": name} or {"image": path or bytes, "label": name}; raise
     LineError. An image is a path (relative ones are resolved against the data file's folder by the reader) or a
     table's image cell ({"bytes": ..., "path": ...}, as datasets and Parquet store images)."""
-    from finetune_cli.classification.labels import name
-
     if "label" not in record:
         raise LineError("missing field", where, 'missing field "label": a classification row needs its class')
-    label = name(record["label"], where)
+    label = label_name(record["label"], where)
     if "image" in record:
         image = record["image"]
         if isinstance(image, dict) and isinstance(image.get("bytes"), (bytes, bytearray)) and image["bytes"]:
@@ -360,3 +358,18 @@ def convert_labelled(record: dict, where: str) -> dict:
     if not text.strip():
         raise LineError("empty content", where, '"text" is empty; a classification row needs text to classify')
     return {"text": text, "label": label}
+
+
+def label_name(value, where: str) -> str:
+    """A row's label as its class name; raise LineError for what cannot be one."""
+    if isinstance(value, float) and value.is_integer():  # Parquet and pandas store integer columns with nulls so
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        kind = "true/false" if isinstance(value, bool) else type(value).__name__
+        raise LineError("wrong type", where, f'"label" is {kind}; a class label is a string or an integer')
+    text = str(value).strip()
+    if not text:
+        raise LineError("empty content", where, '"label" is empty; give each row its class')
+    if "\n" in text:
+        raise LineError("wrong type", where, '"label" spans lines; a class label is one line')
+    return text

@@ -63,7 +63,7 @@ def parse(
             continue
         if isinstance(record.get("image"), str):
             try:
-                record["image"] = _image_path(record["image"], part or source.name, where)
+                record["image"] = image_path(record["image"], part or source.name, where)
             except LineError as exc:
                 errors.append(exc)
                 continue
@@ -73,7 +73,7 @@ def parse(
     return records, errors, (", ".join(found) or None) if auto else fmt
 
 
-def _image_path(value: str, data_file: str, where: str) -> str:
+def image_path(value: str, data_file: str, where: str) -> str:
     """An image row's path, relative to its data file's folder unless absolute; it must exist."""
     from pathlib import Path
 

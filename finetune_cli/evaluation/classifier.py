@@ -165,8 +165,7 @@ def _chunks(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
 def _unlabelled_rows(path: str, columns: dict) -> Iterator[dict]:
     """Rows to classify: a "text" (or "image") field, other names mapped by the run's data.columns; a label, when a
     row has one, is kept in the output for comparison."""
-    from finetune_cli.classification.labels import name
-    from finetune_cli.data.jsonl import _image_path
+    from finetune_cli.data.jsonl import image_path
 
     source = sources.open_source(path)
     for where, _at, raw, _escapes, part in source.rows:
@@ -177,10 +176,10 @@ def _unlabelled_rows(path: str, columns: dict) -> Iterator[dict]:
             raise FtuneError(f'{where}: expected an object with "text" (or "image") to classify')
         record = {"source": where}
         if "label" in raw:
-            record["label"] = name(raw["label"], where)
+            record["label"] = formats.label_name(raw["label"], where)
         if "image" in raw:
             image = formats.convert_labelled({"image": raw["image"], "label": "x"}, where)["image"]
-            record["image"] = _image_path(image, part or source.name, where) if isinstance(image, str) else image
+            record["image"] = image_path(image, part or source.name, where) if isinstance(image, str) else image
         else:
             text = raw["text"]
             if not isinstance(text, str) or not text.strip():
