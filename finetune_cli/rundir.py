@@ -29,9 +29,27 @@ STAGING = ".staging"
 START = "start"  # a run started from a LoRA run (model.base: RUN): that run's adapter merged into its base
 MARKER = ".ftune"  # {"kind": "run" | "merge", "files": [...]}: this folder was written by ftune
 ADAPTER_RECORD = "ftune.json"  # in an adapter folder: base model, method and model options
+LOSS_PLOT = "loss.png"  # train loss per step, eval loss, learning rate (reports.plots)
+REPORT = "report.html"  # the run's self-contained page (reports.page)
+TENSORBOARD = "tensorboard"  # training.report_to: tensorboard writes its event files here
 
 # What a run directory may hold; anything else is the user's and is never deleted.
-RUN_ENTRIES = {RECIPE, RUN_JSON, METRICS, EVAL, PREDICTIONS, ADAPTER, MODEL, START, CHECKPOINTS, STAGING, MARKER}
+RUN_ENTRIES = {
+    RECIPE,
+    RUN_JSON,
+    METRICS,
+    EVAL,
+    PREDICTIONS,
+    ADAPTER,
+    MODEL,
+    START,
+    CHECKPOINTS,
+    STAGING,
+    MARKER,
+    LOSS_PLOT,
+    REPORT,
+    TENSORBOARD,
+}
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(tmp|old)(-[\w-]+)?")  # files.py's and our renames' temporary names
 _CHECKPOINT = re.compile(r"checkpoint-\d+")  # a checkpoint folder in checkpoints/ (trainer.Checkpoints)
 
