@@ -487,6 +487,44 @@ def inspect(
     _emit(info, as_json, lambda i: ui.console.print(ui.inspect_table(i)))
 
 
+@app.command()
+def runs(
+    dirs: Optional[List[Path]] = typer.Argument(None, metavar="[DIR]...", help="Folders of runs (default: runs/)."),
+    sort: str = typer.Option(
+        "started", "--sort", help="Column to sort by: started (newest first), name, final_loss, perplexity_after..."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as a JSON list on stdout."),
+):
+    """Every run under DIR: status (a running one's step and time left), recipe, time, losses, eval figures
+    before -> after and task metrics; the best of each column marked."""
+    from finetune_cli import ui
+    from finetune_cli.reports import runs as listing
+
+    found = listing.sort(listing.find(dirs or [Path("runs")]), sort)
+    _emit(found, as_json, ui.runs_table)
+
+
+@app.command()
+def compare(
+    paths: List[Path] = typer.Argument(..., metavar="RUN...", help="Two or more run folders."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write a self-contained HTML page here (with the loss curves overlaid)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout."),
+):
+    """What differs between the runs' recipes, and their figures side by side with the best marked."""
+    from finetune_cli import ui
+    from finetune_cli.reports import compare as comparison
+
+    data = comparison.collect(paths)
+    if output is not None:
+        comparison.write_page(data, output)
+        sys.stderr.write(f"wrote {output}\n")
+        if not as_json:
+            return
+    _emit(data, as_json, ui.compare_tables)
+
+
 def _stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -20,13 +20,17 @@ from pathlib import Path
 
 
 def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = _temporary(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(text)
+            f.write(data)
             f.flush()
             os.replace(tmp, path)
     except BaseException:

@@ -190,6 +190,10 @@ OBJECTIVE_SETTINGS = {
 }
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS = ("none", *get_args(Tracker))  # training.report_to's names
+
+
 class TrainingSection(_Section):
     objective: Literal["sft", "dpo", "orpo", "kto", "classification"] = "sft"
     beta: float | None = Field(default=None, gt=0)
@@ -218,13 +222,31 @@ class TrainingSection(_Section):
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
     ] = "adamw_torch"
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    report_to: Literal["none"] | Tracker | list[Tracker] = "none"  # one tracker or several; see trackers()
     seed: int = Field(default=42, ge=0, le=SEED_MAX)
     logging_steps: int = Field(default=1, gt=0)
     eval_steps: int | None = Field(default=None, gt=0)
     save_steps: int | None = Field(default=100, gt=0)
     save_total_limit: int = Field(default=2, gt=0)
     save_every_epoch: bool = False
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value):
+        names = value if isinstance(value, list) else [value]
+        for name in names:
+            if not isinstance(name, str) or name not in TRACKERS:
+                close = difflib.get_close_matches(str(name), TRACKERS, n=1) if isinstance(name, str) else []
+                hint = f"did you mean '{close[0]}'?" if close else f"ftune reports to {', '.join(TRACKERS)}"
+                raise ValueError(f"'training.report_to': {_short(name)} is not a tracker; {hint}")
+        if isinstance(value, list) and "none" in value:
+            raise ValueError("'training.report_to': none means no tracker; list the trackers without it")
+        return value
+
+    def trackers(self) -> list[str]:
+        """The trackers to report to, in order, each once (`none`: none)."""
+        names = self.report_to if isinstance(self.report_to, list) else [self.report_to]
+        return [n for n in dict.fromkeys(names) if n != "none"]
 
     @model_validator(mode="after")
     def _objective_settings(self):

@@ -374,3 +374,121 @@ def inspect_table(info: dict):
     elif info.get("template_error"):
         parts.append(Text(f"chat template cannot render a sample: {info['template_error']}", style="yellow"))
     return Group(*parts)
+
+
+def runs_table(summaries: list[dict]) -> None:
+    """`ftune runs`: one row per run, each eval figure and task metric on a line of its own in its cell, the best
+    of each figure across the runs marked with a star."""
+    from finetune_cli.reports import runs
+
+    table = Table(title=f"ftune runs: {len(summaries)} run{'s' * (len(summaries) != 1)}", title_justify="left")
+    for col in ("run", "status", "started", "objective", "base", "steps", "time", "last loss"):
+        table.add_column(col, justify="right" if col in ("steps", "time", "last loss") else "left", no_wrap=True)
+    table.add_column("eval before → after", no_wrap=True)
+    table.add_column("task metrics", no_wrap=True)
+    tasks = runs.task_metrics(summaries)
+    marked = ["final_loss", *(f"{n}_after" for n, _ in _EVAL_LABELS), *tasks]
+    marks = {c: runs.best([runs.value(s, c) for s in summaries], runs.better(c, summaries)) for c in marked}
+
+    def figure(i: int, column: str) -> str:
+        return _figure(runs.value(summaries[i], column)) + (" ★" if i in marks[column] else "")
+
+    for i, s in enumerate(summaries):
+        if s["status"] == "unreadable":
+            table.add_row(Text(s["name"]), Text("unreadable", style="red"))
+            continue
+        base = f"<- {s['parent']}" if s.get("parent") else _short(s.get("base"))
+        evals = [
+            f"{label} {_figure(s.get(f'{n}_before'))} → {figure(i, f'{n}_after')}"
+            for n, label in _EVAL_LABELS
+            if f"{n}_before" in s or f"{n}_after" in s
+        ]
+        row = [Text(s["name"]), _status(s), (s.get("started") or "-").replace("T", " ")[:16]]
+        row += [Text(f"{s.get('objective') or '-'}/{s.get('method') or '-'}"), Text(base)]
+        row += [_figure(s.get("steps")), _duration(s.get("train_seconds")), figure(i, "final_loss")]
+        row += ["\n".join(evals) or "-", "\n".join(f"{k} {figure(i, k)}" for k in s["task_metrics"]) or "-"]
+        table.add_row(*row)
+    if any(marks.values()):
+        table.caption, table.caption_justify = "★ the best in its column", "left"
+    console.print(table)
+    for s in summaries:
+        if s.get("reason"):
+            console.print(Text(f"{s['name']} ({s['status']}): {s['reason']}", style="dim"))
+
+
+_EVAL_LABELS = (("eval_loss", "loss"), ("perplexity", "ppl"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                ("margin", "margin"))  # fmt: skip
+
+
+def _status(s: dict) -> Text:
+    """The status, coloured; a running run's step and time left."""
+    style = {"completed": "green", "running": "cyan", "failed": "red", "stopped": "yellow"}.get(s["status"], "")
+    text = s["status"]
+    if s["status"] == "running":
+        text += f" {s.get('step', 0)}/{s.get('max_steps') or '?'}"
+        text += f", {_duration(s['eta_seconds'])} left" if s.get("eta_seconds") is not None else ""
+    return Text(text, style=style)
+
+
+def _figure(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _short(base) -> str:
+    """A base model as the table shows it: a folder by its name, a builtin or hub id as it is."""
+    if not base:
+        return "-"
+    return base.rstrip("/").rsplit("/", 1)[-1] if str(base).startswith(("/", "~", ".")) else str(base)
+
+
+def compare_tables(data: dict) -> None:
+    """`ftune compare` in the terminal: the recipe keys that differ, then the figures side by side (best starred)."""
+    from finetune_cli.reports import runs
+
+    names = [Text(f"{r['name']}\n{r['status']}") for r in data["runs"]]
+    if data["differences"]:
+        table = Table(title="recipe differences", title_justify="left")
+        table.add_column("key", style="bold")
+        for name in names:
+            table.add_column(name)
+        for d in data["differences"]:
+            table.add_row(Text(d["key"]), *(Text(_setting(v)) for v in d["values"]))
+        console.print(table)
+    else:
+        console.print("the recipes are the same (apart from output.dir)")
+    table = Table(title="metrics", title_justify="left")
+    table.add_column("metric", style="bold")
+    for name in names:
+        table.add_column(name, justify="right")
+    for m in data["metrics"]:
+        marked = runs.best(m["values"], m["better"])
+        label = f"{m['name']} ({m['better']} is better)" if m["better"] else m["name"]
+        show = _duration if m["name"] == "train_seconds" else _figure
+        table.add_row(label, *(show(v) + (" ★" if i in marked else "") for i, v in enumerate(m["values"])))
+    console.print(table)
+    for r in data["runs"]:
+        console.print(Text(f"{r['name']}: {r['path']}", style="dim"))
+
+
+def _setting(value) -> str:
+    """A recipe value as YAML would show it."""
+    import json
+
+    return "null" if value is None else value if isinstance(value, str) else json.dumps(value)

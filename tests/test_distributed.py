@@ -92,7 +92,7 @@ def test_two_processes_write_one_run_that_plain_peft_loads(two_processes, tiny_m
 
     run_dir, out = two_processes
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == [".ftune", "adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert names == [".ftune", "adapter", "loss.png", "metrics.jsonl", "recipe.yaml", "report.html", "run.json"]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == STEPS
     assert info["distributed"] == {

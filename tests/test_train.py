@@ -38,7 +38,15 @@ def trained(tmp_path_factory, tiny_model_dir):
 def test_run_directory(trained):
     recipe, run, summary = trained
     # .ftune marks the folder as ftune's, so --overwrite may replace it (and nothing else)
-    assert sorted(p.name for p in run.iterdir()) == [".ftune", "adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".ftune",
+        "adapter",
+        "loss.png",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "report.html",
+        "run.json",
+    ]
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 4
     assert info["versions"]["trl"] and info["data"]["train"]["examples"] == 16

@@ -14,6 +14,7 @@ from finetune_cli.data import jsonl, preference, sources
 from finetune_cli.errors import FtuneError
 from finetune_cli.evaluation import pairwise
 from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
+from finetune_cli.reports import page
 from finetune_cli.results import Change, EvalResult, GenerateEval, PairChange
 
 
@@ -108,6 +109,7 @@ def run(
         out.change = Change(perplexity=t - b, relative=(t - b) / b)
     if found.run_dir:
         rundir.save_evaluation(found.run_dir, out.dump())
+        page.refresh_report(found.run_dir)  # report.html shows the result saved
     return out
 
 
@@ -203,6 +205,7 @@ def run_generate(
         if out_path is not None:  # eval.json names it from the run folder, so it resolves from anywhere
             saved["predictions"] = _from_run(found.run_dir, out_path)
         rundir.save_evaluation(found.run_dir, saved)
+        page.refresh_report(found.run_dir)  # report.html shows the result saved
     return out
 
 
@@ -228,6 +231,7 @@ def _classifier(found, target, data, base, batch_size, progress, predictions, st
         if out_path is not None:
             saved["predictions"] = _from_run(found.run_dir, out_path)
         rundir.save_evaluation(found.run_dir, saved)
+        page.refresh_report(found.run_dir)  # report.html shows the result saved
     return out
 
 

@@ -20,6 +20,7 @@ from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.evaluation import pairwise
 from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
 from finetune_cli.inference.generate import reply
+from finetune_cli.reports import page
 from finetune_cli.results import RunInfo
 from finetune_cli.training import classifier, launch, methods, trainer
 
@@ -83,6 +84,7 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
         plan.tokenizer = models.load_tokenizer(
             tokenizer_source, m.chat_template, m.trust_remote_code, require_template=chat
         )
+    trainer.check_trackers(recipe)  # last: it opens MLflow's tracking store
     return plan
 
 
@@ -308,6 +310,11 @@ def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
     )
     write()
     started, result = time.time(), {}
+
+    def pictures():  # loss.png and report.html once run.json says how the run ended (errors skipped)
+        if main:
+            page.write_pictures(out)
+
     try:
         yield result
     except BaseException as exc:
@@ -315,6 +322,7 @@ def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
         info.update(status="interrupted" if interrupted else "failed", reason=str(exc) or type(exc).__name__)
         info["seconds"] = round(time.time() - started, 1)
         write()
+        pictures()
         if isinstance(exc, (FtuneError, KeyboardInterrupt)):
             raise
         raise FtuneError(f"training failed: {type(exc).__name__}: {exc}", FAILED) from exc
@@ -322,6 +330,7 @@ def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
     if stop.requested and not result.get("artifact"):
         info.update(status="interrupted", reason=f"{stop.requested} at step {result['steps']}", **result)
         write()
+        pictures()
         raise FtuneError(
             f"interrupted ({stop.requested}) at step {result['steps']}; checkpoint saved. "
             f"Continue with: ftune train {out} --resume",
@@ -331,6 +340,7 @@ def _status(out: Path, info: dict, main: bool, stop: _StopRequest):
     write()
     if main:
         rundir.drop_checkpoints(out)  # the run is whole: its artifact replaces them
+    pictures()
 
 
 def _finish_completed(out: Path, previous: dict, main: bool) -> dict:
@@ -375,6 +385,7 @@ def _fit_and_save(recipe, plan: Plan, model, callbacks, samples: int, stop: _Sto
     fit.add_callback(metrics)
     fit.add_callback(trainer.Checkpoints(out, t.save_total_limit, t.save_every_epoch))
     fit.add_callback(trainer.RecipeOnResume())
+    trainer.route_trackers(fit, out)
     started = time.perf_counter()
     try:
         train_output = fit.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)

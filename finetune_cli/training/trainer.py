@@ -162,12 +162,60 @@ def _arguments(recipe, out: Path) -> dict:
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         eval_strategy="no",
-        report_to=t.report_to,
+        report_to=t.trackers(),
+        run_name=out.resolve().name,  # the tracker's run is named as the run folder
         disable_tqdm=True,
         torch_compile=t.compile,
         use_liger_kernel=t.liger,
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
     )
+
+
+# training.report_to: each tracker's module and the package that provides it (ftune's extra has the tracker's name)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "wandb": ("wandb", "wandb"),
+}
+
+
+def check_trackers(recipe) -> None:
+    """A tracker whose package is missing fails before the run starts, in one line, not in the trainer's setup."""
+    import importlib.util
+
+    for name in recipe.training.trackers():
+        module, package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise FtuneError(
+                f"training.report_to: {name} needs the {module} package: pip install {package} "
+                f"(or pip install 'ftune[{name}]')"
+            )
+    if "mlflow" in recipe.training.trackers():
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default
+        try:
+            mlflow.MlflowClient(uri)  # opens the store: MLflow 3 refuses file stores, mlflow-skinny databases
+        except Exception as exc:
+            raise FtuneError(
+                f"training.report_to: mlflow cannot use the tracking store {uri}: {' '.join(str(exc).split())} "
+                "Set MLFLOW_TRACKING_URI to a tracking server (http://...) or to file:///PATH/mlruns with "
+                "MLFLOW_ALLOW_FILE_STORE=true; a database (MLflow's sqlite default) needs pip install mlflow"
+            ) from None
+
+
+def route_trackers(fit, out: Path) -> None:
+    """TensorBoard writes into the run folder (transformers 5 has no `logging_dir`: its callback's own attribute);
+    the trackers' callbacks move after ftune's, so the eval rows MetricsLog sends on train begin and end reach them
+    while their runs are open (they close them in `on_train_end`). Each reports from the main process only."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallback
+
+    trackers = tuple(INTEGRATION_TO_CALLBACK[name] for name in fit.args.report_to)
+    for callback in [c for c in fit.callback_handler.callbacks if isinstance(c, trackers)]:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(out.absolute() / rundir.TENSORBOARD)
+        fit.remove_callback(callback)
+        fit.add_callback(callback)
 
 
 def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks) -> FtuneTrainer:
@@ -465,6 +513,7 @@ class MetricsLog(TrainerCallback):
             elapsed = time.time() - self.start
             row.update(
                 epoch=round(state.epoch or 0, 4),
+                max_steps=state.max_steps,  # `ftune runs` estimates a running run's time left from it
                 loss=logs["loss"],
                 learning_rate=logs.get("learning_rate"),
                 grad_norm=logs.get("grad_norm"),
