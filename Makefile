@@ -27,6 +27,7 @@ demo: install
 	$(BIN)/ftune eval runs/quickstart --generate --compare-base --max-new-tokens 64
 	$(BIN)/ftune generate runs/quickstart --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_PROMPT)"
 	@echo
+	@echo "See the run: open runs/quickstart/report.html (curves, evals, answers); list runs: $(BIN)/ftune runs"
 	@echo "Next: run it in llama.cpp, Ollama or LM Studio (a checked GGUF file, about 45 s):"
 	@echo "  $(BIN)/ftune export runs/quickstart --format gguf -o gguf/quickstart"
 	@echo "  cd gguf/quickstart && ollama create quickstart -f Modelfile && ollama run quickstart"

@@ -46,7 +46,10 @@ def find(dirs: list[str | Path]) -> list[dict]:
         for run in _run_folders(folder, DEPTH):
             if run.resolve() not in seen:
                 seen.add(run.resolve())
-                found.append(summarize(run))
+                summary = summarize(run)
+                if run != folder:  # runs/sweep/lr-1e-4 is named sweep/lr-1e-4: names stay apart
+                    summary["name"] = run.relative_to(folder).as_posix()
+                found.append(summary)
     return sort(found, "started")
 
 
