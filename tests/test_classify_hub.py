@@ -2,10 +2,7 @@
 (the layout huggingface_hub writes) are found by their ids with HF_HUB_OFFLINE=1, as a user's downloads are."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,9 +40,19 @@ def hub(tmp_path_factory, tokenizer):
     return cache, work
 
 
-def ftune(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "FTUNE_MALLOC": "0"}
-    return subprocess.run([sys.executable, "-m", "finetune_cli", *args], capture_output=True, text=True, env=env)
+def ftune(cache: Path, *args: str):
+    """The command in this process with `cache` as the Hub cache (offline: tests/conftest.py sets HF_HUB_OFFLINE),
+    as the user's HF_HUB_CACHE would set it."""
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        result = CliRunner().invoke(app, list(args))
+    result.returncode = result.exit_code
+    return result
 
 
 def test_a_hub_classifier_is_classified_offline_as_plain_transformers_predicts(hub, tokenizer):

@@ -127,7 +127,8 @@ def test_runs_report_run_json_and_eval_json(tmp_path):
     make_run(root / "checkpoints" / "inner")  # checkpoints/ never holds runs to list
 
     found = {s["name"]: s for s in listed(root)}
-    assert set(found) == {"sft", "cls", "broken", "bad-recipe"}
+    assert set(found) == {"sft", "project/cls", "broken", "bad-recipe"}  # a nested run is named by its path
+    found["cls"] = found["project/cls"]
     for name, folder in (("sft", sft), ("cls", classifier)):
         s, info = found[name], json.loads((folder / "run.json").read_text())
         assert s["path"] == str(folder)
@@ -155,8 +156,8 @@ def test_runs_report_run_json_and_eval_json(tmp_path):
     assert found["broken"]["status"] == "unreadable" and "run.json" in found["broken"]["reason"]
     assert found["bad-recipe"]["status"] == "unreadable" and "recipe.yaml" in found["bad-recipe"]["reason"]
     # newest first (started a minute and an hour ago), the unreadable ones last
-    assert [s["name"] for s in listed(root)] == ["cls", "sft", "bad-recipe", "broken"]
-    assert [s["name"] for s in listed(root, "--sort", "final_loss")][:2] == ["sft", "cls"]  # lowest first
+    assert [s["name"] for s in listed(root)] == ["project/cls", "sft", "bad-recipe", "broken"]
+    assert [s["name"] for s in listed(root, "--sort", "final_loss")][:2] == ["sft", "project/cls"]  # lowest first
 
 
 def test_running_run_shows_its_step_and_eta_and_a_killed_one_stopped(tmp_path, wide):

@@ -178,8 +178,9 @@ _COMPARE = """<!DOCTYPE html>
 """
 
 
-def report_page(run_dir: Path) -> str:
-    """The run's page: status, summary, curves, eval tables, sample answers, predictions, data and recipe."""
+def report_page(run_dir: Path, curves_svg: str | None = None) -> str:
+    """The run's page: status, summary, curves (`curves_svg`, else drawn from metrics.jsonl), eval tables, sample
+    answers, predictions, data and recipe."""
     from markupsafe import Markup
 
     run_dir = Path(run_dir)
@@ -196,7 +197,7 @@ def report_page(run_dir: Path) -> str:
         written=time.strftime("%Y-%m-%d %H:%M"),
         info=info,
         summary=[(label, _format(info[key])) for key, label in SUMMARY.items() if info.get(key) is not None],
-        curves=Markup(plots.svg(rows)) if plots.has_curves(rows) else None,
+        curves=Markup(curves_svg or plots.svg(rows)) if plots.has_curves(rows) else None,
         before_after=_columns({"before": info.get("eval_before"), "after": info.get("eval_after")}),
         evaluations=evaluations,
         samples=[s for s in info.get("samples") or [] if isinstance(s, dict)],
@@ -206,24 +207,25 @@ def report_page(run_dir: Path) -> str:
     )
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, curves_svg: str | None = None) -> Path:
     path = Path(run_dir) / rundir.REPORT
-    files.write_text(path, report_page(run_dir))
+    files.write_text(path, report_page(run_dir, curves_svg))
     return path
 
 
 def write_pictures(run_dir: Path) -> None:
     """loss.png and report.html at the end of a training run, whatever its status. A plotting error is skipped,
     never raised: it must not fail a run, or hide why it failed, for the sake of a picture."""
+    curves = None
     with contextlib.suppress(Exception):
-        plots.write_loss_png(run_dir)
-    refresh_report(run_dir)
+        curves = plots.write_loss_png(run_dir)
+    refresh_report(run_dir, curves)
 
 
-def refresh_report(run_dir: Path) -> None:
+def refresh_report(run_dir: Path, curves_svg: str | None = None) -> None:
     """report.html rewritten (after `ftune eval` adds a result to the run); an error is skipped, as above."""
     with contextlib.suppress(Exception):
-        write_report(run_dir)
+        write_report(run_dir, curves_svg)
 
 
 def compare_page(data: dict) -> str:

@@ -115,16 +115,16 @@ def overlay_svg(curves: list[dict]) -> str:
     return _svg(overlay_figure(curves))
 
 
-def write_loss_png(run_dir: Path) -> Path | None:
-    """loss.png in the run folder from its metrics.jsonl; None (nothing written) when there is nothing to draw."""
+def write_loss_png(run_dir: Path) -> str | None:
+    """loss.png in the run folder from its metrics.jsonl; returns the same figure as SVG text for the report page
+    (drawn once for both: this runs at the end of every training), or None when there is nothing to draw."""
     rows = read_metrics(run_dir)
     if not has_curves(rows):
         return None
-    data = io.BytesIO()
-    loss_figure(rows).savefig(data, format="png", dpi=100)
-    path = Path(run_dir) / rundir.LOSS_PLOT
-    files.write_bytes(path, data.getvalue())
-    return path
+    figure, data = loss_figure(rows), io.BytesIO()
+    figure.savefig(data, format="png", dpi=100)
+    files.write_bytes(Path(run_dir) / rundir.LOSS_PLOT, data.getvalue())
+    return _svg(figure)
 
 
 def _svg(fig) -> str:
