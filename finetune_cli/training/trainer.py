@@ -39,6 +39,13 @@ listed here, with why, and the test that fails if an upgrade breaks it:
   (test_resume_force_trains_with_the_changed_learning_rate).
 - `TextStreamer.on_finalized_text` overridden per instance (generate.reply): streamed text goes to a callback.
   tests/test_export.py (generate streams the same text it returns).
+- `Trainer(compute_loss_func=...)` and how `training_step` scales its result (not divided by the accumulation
+  steps; multiplied by the process count with `average_tokens_across_devices`) (build_classifier): the classes'
+  cross-entropy summed over the step's rows. tests/test_classify.py (first loss equals torch's weighted
+  cross-entropy; two processes equal one).
+- `transformers.integrations.INTEGRATION_TO_CALLBACK`, `TensorBoardCallback.logging_dir` and the order of
+  `callback_handler.callbacks` (route_trackers): TensorBoard writes into the run folder, and the trackers close
+  their runs after ftune's final eval row. tests/test_trackers.py (each tracker read back by its own library).
 """
 
 from __future__ import annotations
