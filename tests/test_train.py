@@ -308,3 +308,18 @@ def test_secrets_never_written(tiny_recipe, monkeypatch):
             assert secret.encode() not in path.read_bytes(), path
     # weights are safetensors, never pickles
     assert not list((tiny_recipe.parent / "run").rglob("*.bin"))
+
+
+def test_target_modules_naming_no_layer_is_exit_2_listing_the_layers(trained, tmp_path):
+    """A misspelt `method.target_modules` (`[query, value]`, the names of older models) fails when PEFT adds the
+    adapter: one line naming the key and the model's linear layers, exit 2, not a "training failed" exit 1."""
+    recipe, _, _ = trained
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", str(recipe), "--set", "method.target_modules=[query, value]", "--set", f"output.dir={out}"]
+    )
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: method.target_modules: query, value names no layer of ")
+    assert "q_proj" in line and "down_proj" in line and "Traceback" not in result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"  # the run says why it stopped

@@ -120,14 +120,6 @@ def head_name(model) -> str:
     raise FtuneError(f"{type(model).__name__}: no classification head named {' or '.join(HEADS)}")
 
 
-def linear_names(model, head: str | None) -> list[str]:
-    """The short names of the model's linear layers (what method.target_modules can name), the head left out."""
-    import torch
-
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n}
-    return sorted(names - {head})
-
-
 def load_target(found, dtype: str | None = None):
     """(model, processor) for an opened classifier target (rundir.Target with a task): a model folder as saved,
     or the base with a head for the adapter's classes and the adapter (LoRA layers and the trained head) on it."""

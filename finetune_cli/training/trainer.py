@@ -129,16 +129,33 @@ class FtuneTrainer(SFTTrainer):
 
 def build(recipe, source: str, model, tokenizer, train_examples: list[dict], out: Path, callbacks, classes=None):
     """The trainer for the recipe's objective: SFT (FtuneTrainer), a preference objective (FtuneDPOTrainer...) or
-    classification (`classes`: the run's Classes)."""
-    if recipe.training.objective == "classification":
-        return build_classifier(recipe, source, model, tokenizer, train_examples, out, callbacks, classes)
-    if recipe.training.objective == "dpo":
-        return build_dpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
-    if recipe.training.objective == "orpo":
-        return build_orpo(recipe, source, model, tokenizer, train_examples, out, callbacks)
-    if recipe.training.objective == "kto":
-        return build_kto(recipe, source, model, tokenizer, train_examples, out, callbacks)
-    return build_sft(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    classification (`classes`: the run's Classes). A `method.target_modules` that names no layer of the model is
+    exit 2 listing the layers it has (PEFT finds out only when the adapter is added)."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    objective = recipe.training.objective
+    try:
+        if objective == "classification":
+            return build_classifier(recipe, source, model, tokenizer, train_examples, out, callbacks, classes)
+        builder = {"dpo": build_dpo, "orpo": build_orpo, "kto": build_kto}.get(objective, build_sft)
+        return builder(recipe, source, model, tokenizer, train_examples, out, callbacks)
+    except NoMatchingPeftModuleError:
+        named = recipe.method.target_modules
+        named = named if isinstance(named, str) else ", ".join(named)
+        head = classes.head if classes is not None else None
+        raise FtuneError(
+            f"method.target_modules: {named} names no layer of {source}; its linear layers are "
+            f"{', '.join(linear_names(model, head))} (or use all-linear)"
+        ) from None
+
+
+def linear_names(model, head: str | None = None) -> list[str]:
+    """The short names of the model's linear layers (what method.target_modules can name), a classifier's head left
+    out."""
+    import torch
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n}
+    return sorted(names - {head})
 
 
 def _arguments(recipe, out: Path) -> dict:
@@ -400,19 +417,8 @@ def build_classifier(recipe, source: str, model, processor, train_examples: list
     config = methods.peft_config(method, source, classifier=classes.input, head=classes.head)
     if config is not None:  # before the Trainer, which refuses a quantized model without an adapter
         from peft import get_peft_model
-        from peft.utils.error import NoMatchingPeftModuleError
 
-        try:
-            model = get_peft_model(model, config)
-        except NoMatchingPeftModuleError:
-            from finetune_cli.classification.model import linear_names
-
-            named = method.target_modules
-            named = named if isinstance(named, str) else ", ".join(named)
-            raise FtuneError(
-                f"method.target_modules: {named} names no layer of {source}; its linear layers are "
-                f"{', '.join(linear_names(model, classes.head))} (or use all-linear)"
-            ) from None
+        model = get_peft_model(model, config)
     trainer = Trainer(
         model=model,
         args=args,
