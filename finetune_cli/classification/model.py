@@ -120,9 +120,10 @@ def head_name(model) -> str:
     raise FtuneError(f"{type(model).__name__}: no classification head named {' or '.join(HEADS)}")
 
 
-def load_target(found, dtype: str | None = None):
+def load_target(found, dtype: str | None = None, check_base=None):
     """(model, processor) for an opened classifier target (rundir.Target with a task): a model folder as saved,
-    or the base with a head for the adapter's classes and the adapter (LoRA layers and the trained head) on it."""
+    or the base with a head for the adapter's classes and the adapter (LoRA layers and the trained head) on it;
+    `check_base(base)` runs before the adapter is added (merge-adapter's shape check)."""
     from finetune_cli import models
 
     image = found.task == "image"
@@ -143,4 +144,6 @@ def load_target(found, dtype: str | None = None):
 
     pad = getattr(processor, "pad_token_id", None)
     base = load(found.weights, found.labels, image, dtype, found.trust_remote_code, pad_token_id=pad)
+    if check_base is not None:
+        check_base(base)
     return PeftModel.from_pretrained(base, str(found.adapter)), processor

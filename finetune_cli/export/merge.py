@@ -75,18 +75,10 @@ def merged_model(found: rundir.Target, dtype: str = "float32"):
 
 
 def _merged_classifier(found: rundir.Target, dtype: str):
-    from peft import PeftModel
-
     from finetune_cli.classification import model as classifier
 
-    image = found.task == "image"
-    processor = classifier.load_processor(found.tokenizer, image, found.trust_remote_code)
-    if found.adapter is None:
-        return classifier.load_target(found, dtype)
-    pad = getattr(processor, "pad_token_id", None)
-    base = classifier.load(found.weights, found.labels, image, dtype, found.trust_remote_code, pad_token_id=pad)
-    _check_shapes(base, found.adapter, found.base)
-    return PeftModel.from_pretrained(base, str(found.adapter)).merge_and_unload(), processor
+    model, processor = classifier.load_target(found, dtype, lambda base: _check_shapes(base, found.adapter, found.base))
+    return (model.merge_and_unload() if found.adapter is not None else model), processor
 
 
 def _check_shard_size(size: str) -> None:

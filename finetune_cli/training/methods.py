@@ -41,9 +41,7 @@ def peft_config(method, tokenizer_source: str, classifier: str | None = None, he
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
 
     if method.name in ("lora", "qlora"):
-        task = {"task_type": "SEQ_CLS"} if classifier == "text" else {}
-        if classifier is None:
-            task = {"task_type": "CAUSAL_LM"}
+        task = {None: {"task_type": "CAUSAL_LM"}, "text": {"task_type": "SEQ_CLS"}, "image": {}}[classifier]
         save = method.modules_to_save
         if classifier == "image":
             save = [head, *(m for m in save or [] if m != head)]
