@@ -434,16 +434,18 @@ def test_ctrl_c_exits_130(tiny_server, tiny_model_dir):
 class InProcess(Server):
     """`ftune serve`'s app over the tiny model in this process: `engine` and the request log are at hand."""
 
-    def __init__(self, model_dir: Path, max_request_bytes: int):
+    def __init__(self, model_dir: Path, max_request_bytes: int, targets: list[str] | None = None, key=KEY, **options):
+        """`targets` (default: the model folder) as `ftune serve` takes them; `options`: create_app's keywords
+        (log_dir, cors_origins)."""
         import uvicorn
 
         from finetune_cli.serving import app as serve
         from finetune_cli.serving import engine, served, server
 
         self.lines = []
-        self.engine = engine.Engine(served.load([str(model_dir)]), max_batch=8, max_queue=8)
-        self.served = self.engine.served[model_dir.name]
-        app = serve.create_app(self.engine, KEY, self.lines.append, max_request_bytes)
+        self.engine = engine.Engine(served.load(targets or [str(model_dir)]), max_batch=8, max_queue=8)
+        self.served = next(iter(self.engine.served.values()))
+        app = serve.create_app(self.engine, key, self.lines.append, max_request_bytes, **options)
         sock = server.bind("127.0.0.1", 0)
         sock.listen(64)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -64,7 +64,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
 
 
-def _messages(body: ChatRequest) -> list[dict]:
+def messages(body: ChatRequest) -> list[dict]:
     if not body.messages:
         raise ApiError(400, "messages: at least one message is needed", param="messages")
     out = []
@@ -80,26 +80,26 @@ def _messages(body: ChatRequest) -> list[dict]:
     return out
 
 
-def _stops(body: _Request) -> list[str]:
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
+def stops(body: _Request) -> list[str]:
+    texts = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(texts) > 4 or any(not s for s in texts):
         raise ApiError(400, "stop: up to 4 non-empty texts", param="stop")
-    return stops
+    return texts
 
 
 def prepare(served: Served, body: _Request, chat: bool) -> tuple[Sequence, Text]:
     """The Sequence to decode for a request (its settings checked) and the Text that follows its reply."""
     if body.n not in (None, 1):
         raise ApiError(400, f"n: {body.n}; only n=1 is supported (send the request again for more answers)", "n")
-    stops = _stops(body)
+    stop_texts = stops(body)
     tokenizer = served.tokenizer
     if chat:
-        messages = _messages(body)
+        chat_messages = messages(body)
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions", "messages")
         try:
             with _TOKENIZER:
-                prompt = render(tokenizer, messages, add_generation_prompt=True)
+                prompt = render(tokenizer, chat_messages, add_generation_prompt=True)
                 ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception (e.g. roles out of order)
             raise ApiError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
@@ -142,7 +142,7 @@ def prepare(served: Served, body: _Request, chat: bool) -> tuple[Sequence, Text]
         seed=body.seed,
         repetition_penalty=batching.repetition_penalty(served.model),
     )
-    return seq, Text(served.decoder, stops, strip=chat)
+    return seq, Text(served.decoder, stop_texts, strip=chat)
 
 
 def _sampling(served: Served, body: _Request) -> tuple[float, float]:
