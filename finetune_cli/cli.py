@@ -431,16 +431,54 @@ def serve(
     max_request_bytes: int = typer.Option(
         4 * 1024 * 1024, "--max-request-bytes", min=1, help="Largest request body; a larger one is refused with 413."
     ),
+    log_requests: Optional[Path] = typer.Option(
+        None,
+        "--log-requests",
+        metavar="DIR",
+        help="Append each finished request (messages, reply, tokens, latency) to DIR/requests.jsonl and take "
+        "ratings at /v1/feedback into DIR/feedback.jsonl (default: nothing is stored).",
+    ),
+    cors_origin: Optional[List[str]] = typer.Option(
+        None,
+        "--cors-origin",
+        metavar="ORIGIN",
+        help="Let pages from ORIGIN (e.g. https://intranet.example.com) call the API (repeatable; default: none).",
+    ),
 ):
-    """Serve TARGETs behind an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve TARGETs behind an OpenAI-compatible HTTP API, with a chat page at / and Prometheus metrics at /metrics."""
     from finetune_cli.serving import server as serving
 
     key = api_key or os.environ.get("FTUNE_API_KEY") or None
     raise typer.Exit(
         serving.run(
-            targets, host, port, key, max_batch, max_queue, _state["debug"], max_request_bytes=max_request_bytes
+            targets,
+            host,
+            port,
+            key,
+            max_batch,
+            max_queue,
+            _state["debug"],
+            max_request_bytes=max_request_bytes,
+            log_dir=log_requests,
+            cors_origins=list(cors_origin or []),
         )
     )
+
+
+@app.command()
+def feedback(
+    log_dir: Path = typer.Argument(..., metavar="DIR", help="The folder of `ftune serve --log-requests DIR`."),
+    output: Path = typer.Option(..., "--output", "-o", help="The JSONL file to write (a new file)."),
+    fmt: str = typer.Option(
+        "kto", "--format", help="kto: rated replies, labelled desirable or not; dpo: preference pairs."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+):
+    """Turn the ratings people gave served replies into training data (KTO rows or DPO pairs)."""
+    from finetune_cli.data import feedback as rated
+
+    summary = rated.export(log_dir.expanduser(), output.expanduser(), fmt)
+    _emit(summary, as_json, lambda s: sys.stderr.write(rated.describe(s) + "\n"))
 
 
 @app.command()
