@@ -18,12 +18,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from finetune_cli import rundir
+from finetune_cli.data.feedback import FEEDBACK, KIND, REQUESTS  # the log's names, shared with `ftune feedback`
 from finetune_cli.errors import FtuneError
 from finetune_cli.serving.engine import ApiError
 
-KIND = "serve-log"
-REQUESTS = "requests.jsonl"
-FEEDBACK = "feedback.jsonl"
 FEEDBACK_BYTES = 16 * 1024  # the largest POST /v1/feedback body
 COMMENT_CHARS = 2000
 
