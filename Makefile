@@ -28,6 +28,7 @@ demo: install
 	$(BIN)/ftune generate runs/quickstart --system "$(DEMO_SYSTEM)" --prompt "$(DEMO_PROMPT)"
 	@echo
 	@echo "See the run: open runs/quickstart/report.html (curves, evals, answers); list runs: $(BIN)/ftune runs"
+	@echo "Chat with it in a browser (the tuned run and its base side by side): $(BIN)/ftune serve runs/quickstart, then open http://127.0.0.1:8000/"
 	@echo "Next: run it in llama.cpp, Ollama or LM Studio (a checked GGUF file, about 45 s):"
 	@echo "  $(BIN)/ftune export runs/quickstart --format gguf -o gguf/quickstart"
 	@echo "  cd gguf/quickstart && ollama create quickstart -f Modelfile && ollama run quickstart"
