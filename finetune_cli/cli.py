@@ -198,14 +198,39 @@ def eval_(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="With --generate: nucleus sampling probability."),
     do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="With --generate: sample, or greedy."),
     seed: Optional[int] = typer.Option(None, "--seed", help="With --generate: seed for sampling."),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        help="lm-evaluation-harness tasks, comma-separated: names (hellaswag,arc_easy) or task YAML files/folders.",
+    ),
+    num_fewshot: Optional[int] = typer.Option(
+        None, "--num-fewshot", min=0, help="With --tasks: few-shot examples (default: each task's own)."
+    ),
+    limit: Optional[float] = typer.Option(
+        None, "--limit", help="With --tasks: examples per task (a count, or a fraction below 1); for quick checks."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ):
     """Perplexity of TARGET: exp(total NLL / scored tokens) over the whole data set; with --generate, task metrics
-    of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON, label accuracy and macro F1). A classifier:
-    accuracy, macro F1, per-class precision/recall/F1 and the confusion matrix."""
+    of its generated answers (exact match, BLEU, chrF, ROUGE-L, JSON, label accuracy and macro F1); with --tasks,
+    benchmarks through lm-evaluation-harness. A classifier: accuracy, macro F1, per-class precision/recall/F1 and
+    the confusion matrix."""
     from finetune_cli import ui
     from finetune_cli.evaluation import evaluate
 
+    if tasks is not None:
+        from finetune_cli.evaluation import tasks as harness
+
+        given = {"--generate": generate, "--data": data, "--base": base, "--stride": stride, "--metrics": metrics}
+        given |= {"--max-length": max_length, "--predictions": predictions}
+        clash = [flag for flag, value in given.items() if value]
+        if clash:
+            raise FtuneError(f"--tasks runs the harness's own data and metrics; drop {', '.join(clash)}")
+        result = harness.run_tasks(target, tasks, compare_base, num_fewshot, limit, batch_size)
+        _emit(result, as_json, ui.tasks_summary)
+        return
+    if num_fewshot is not None or limit is not None:
+        raise FtuneError("--num-fewshot and --limit go with --tasks")
     if generate:
         from finetune_cli.evaluation import predict
         from finetune_cli.inference import generate as gen

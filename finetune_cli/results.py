@@ -91,6 +91,26 @@ class GenerateEval(_Result):
     predictions: str | None = None
 
 
+class TasksEval(_Result):
+    """`ftune eval --tasks`: lm-evaluation-harness results per model ("model", or "base"/"tuned"), each metric named
+    `task metric` (the harness's names; a filter other than `none` kept after a comma)."""
+
+    kind: Literal["tasks"]
+    target: str
+    base: str
+    data: list[str]  # the --tasks entries as given (names and YAML paths): eval.json keeps one result per list
+    harness: str | None  # lm_eval's version
+    tasks: list[str]
+    num_fewshot: dict[str, int | None]
+    limit: float | None = None
+    samples: dict[str, int | None]
+    metrics: list[str]
+    higher_is_better: dict[str, bool]
+    results: dict[str, dict[str, float]]
+    stderr: dict[str, dict[str, float]]
+    change: dict[str, float] | None = None
+
+
 class Sample(_Result):
     prompt: str
     base: str

@@ -320,8 +320,8 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def save_evaluation(run_dir: Path, result: dict) -> None:
-    """Keep one result per data set and kind (perplexity, generate) in the run's eval.json: scoring other data, or
-    generating answers, never replaces the run's own perplexity."""
+    """Keep one result per data set and kind (perplexity, generate, tasks: its list of tasks) in the run's eval.json:
+    scoring other data, generating answers or running benchmarks never replaces the run's own perplexity."""
     from finetune_cli import files
 
     def key(e: dict):
@@ -341,11 +341,13 @@ def evaluations(run_dir: Path) -> list[dict]:
 
 
 def evaluation_markdown(run_dir: Path | None) -> list[str]:
-    """The run's eval.json as Markdown tables for a model card: perplexity, then generation metrics."""
+    """The run's eval.json as Markdown tables for a model card: classification, perplexity, generation metrics,
+    then the harness's benchmarks."""
     results = evaluations(run_dir) if run_dir is not None else []
     perplexity = [e for e in results if e.get("kind", "perplexity") == "perplexity"]
     generated = [e for e in results if e.get("kind") == "generate"]
     classified = [e for e in results if e.get("kind") == "classification"]
+    benchmarks = [e for e in results if e.get("kind") == "tasks"]
     lines = []
     if classified:
         lines += ["", "## Classification (ftune eval)", "", "| data | model | rows | accuracy | macro F1 |"]
@@ -366,6 +368,15 @@ def evaluation_markdown(run_dir: Path | None) -> list[str]:
             data = ", ".join(str(d) for d in e.get("data", [])) or "?"
             for m, r in e["results"].items():
                 lines.append(f"| {data} | {m} | {', '.join(f'{k} {v:.4g}' for k, v in r.items())} |")
+    if benchmarks:
+        lines += ["", "## Benchmarks (ftune eval --tasks, lm-evaluation-harness)", ""]
+        lines += ["| task metric | model | value | stderr | n-shot |", "|---|---|---|---|---|"]
+        for e in benchmarks:
+            for m, r in e["results"].items():
+                for name, v in r.items():
+                    error = (e.get("stderr") or {}).get(m, {}).get(name)
+                    shots = (e.get("num_fewshot") or {}).get(name.split(" ")[0], "")
+                    lines.append(f"| {name} | {m} | {v:.4f} | {'' if error is None else f'{error:.4f}'} | {shots} |")
     return lines
 
 

@@ -194,6 +194,29 @@ def pair_summary(result: dict) -> None:
     console.print(f"data: {', '.join(result['data'])}")
 
 
+def tasks_summary(result: dict) -> None:
+    """Each harness metric ± its standard error, per model, and the change (tuned − base)."""
+    table = Table(title=f"ftune eval --tasks {result['target']}", title_justify="left")
+    table.add_column("task metric")
+    names = list(result["results"])
+    for name in names:
+        table.add_column({"base": f"base ({result['base']})", "tuned": "fine-tuned"}.get(name, name), justify="right")
+    if result.get("change"):
+        table.add_column("change", justify="right")
+    for metric in result["metrics"]:
+        cells = []
+        for name in names:
+            value, error = result["results"][name].get(metric), result["stderr"].get(name, {}).get(metric)
+            cells.append("-" if value is None else f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else ""))
+        if result.get("change"):
+            cells.append(f"{result['change'][metric]:+.4f}")
+        table.add_row(metric, *cells)
+    console.print(table)
+    shots = ", ".join(f"{t} {n}-shot" for t, n in result["num_fewshot"].items())
+    limit = f", at most {result['limit']:g} examples per task" if result.get("limit") else ""
+    console.print(f"lm-evaluation-harness {result['harness']}: {shots}{limit}")
+
+
 def generate_summary(result: dict) -> None:
     """Each metric for base and fine-tuned and the change (fractions as percentages, BLEU/chrF on 0-100)."""
     table = Table(title=f"ftune eval --generate {result['target']}", title_justify="left")

@@ -85,7 +85,7 @@ _REPORT = """<!DOCTYPE html>
 {% for e in evaluations %}<section class="evaluation">
 <h3>{{ e.title }}</h3>
 <p class="muted">data: {{ e.data | join(", ") }}{% if e.target %} · target {{ e.target }}{% endif %}</p>
-{% if e.kind == "generate" %}{{ metrics_table(e) }}{% elif e.columns %}{{ scores(e.columns) }}{% endif %}
+{% if e.kind in ("generate", "tasks") %}{{ metrics_table(e) }}{% elif e.columns %}{{ scores(e.columns) }}{% endif %}
 {% if e.change %}<p>change (tuned − base):
 {% for k, v in e.change.items() %}{{ label(k) }} {{ v | num }}{{ ", " if not loop.last }}
 {% endfor %}</p>{% endif %}
@@ -144,7 +144,8 @@ _MACROS = """{% macro scores(columns, id=None) %}{% set kind = kind_of(columns[0
 {% macro metrics_table(e) %}<table class="generate"><tr><th>metric</th>
 {% for name in e.results %}<th>{{ name }}</th>{% endfor %}</tr>
 {% for m in e.metrics %}<tr><th>{{ m }}</th>
-{% for r in e.results.values() %}<td class="n">{{ r.get(m) | num }}</td>{% endfor %}</tr>
+{% for name, r in e.results.items() %}{% set error = (e.stderr or {}).get(name, {}).get(m) %}
+<td class="n">{{ r.get(m) | num }}{% if error is not none %} ± {{ error | num }}{% endif %}</td>{% endfor %}</tr>
 {% endfor %}{% if e.tokens_per_second %}<tr><th>tokens per second</th>
 {% for name in e.results %}<td class="n">{{ e.tokens_per_second.get(name) | num }}</td>{% endfor %}</tr>{% endif %}
 </table>{% endmacro %}
@@ -256,7 +257,11 @@ def _evaluation(e: dict, run_dir: Path) -> dict:
     kind = e.get("kind") or "perplexity"
     if kind == "perplexity" and any(_kind(r) == "pairs" for r in e["results"].values()):
         kind = "pairs"
-    title = {"generate": "Generated answers (--generate)", "pairs": "Pair metrics"}.get(kind, kind.capitalize())
+    title = {
+        "generate": "Generated answers (--generate)",
+        "pairs": "Pair metrics",
+        "tasks": f"Benchmarks (--tasks, lm-evaluation-harness {e.get('harness') or ''})".replace(" )", ")"),
+    }.get(kind, kind.capitalize())
     predictions = _link(run_dir, e["predictions"]) if isinstance(e.get("predictions"), str) else None
     return {**e, "kind": kind, "title": title, "predictions": predictions, "columns": _columns(e["results"])}
 

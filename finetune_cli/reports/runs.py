@@ -32,7 +32,7 @@ BETTER = {
 # the summary's other columns (--sort takes each)
 FIGURES = {"name", "status", "started", "objective", "method", "base", "parent", "step", "max_steps", "eta_seconds",
            "steps", "train_seconds", "final_loss"}  # fmt: skip
-TASK_BETTER = "higher"  # every `eval --generate` metric: exact match, BLEU, chrF, ROUGE-L, JSON, label accuracy, F1
+TASK_BETTER = "higher"  # `eval --generate` metrics (exact match, BLEU, chrF, ...) and most harness metrics
 
 
 def find(dirs: list[str | Path]) -> list[dict]:
@@ -102,6 +102,10 @@ def summarize(folder: Path) -> dict:
             if isinstance(figures, dict) and is_number(figures.get(key)):
                 out[f"{name}_{when}"] = figures[key]
     out["task_metrics"] = _task_metrics(folder, recipe)
+    benchmarks, lower = _benchmarks(folder)
+    out["task_metrics"].update(benchmarks)
+    if lower:
+        out["lower_is_better"] = lower
     return out
 
 
@@ -174,6 +178,19 @@ def _task_metrics(folder: Path, recipe: dict) -> dict:
     return {}
 
 
+def _benchmarks(folder: Path) -> tuple[dict, list[str]]:
+    """The fine-tuned model's `eval --tasks` figures (the latest result of each metric), and the metrics of them
+    whose lower values are better (a harness task declares it: perplexities)."""
+    figures, lower = {}, []
+    for e in rundir.evaluations(folder):
+        if e.get("kind") != "tasks":
+            continue
+        scores = e["results"].get("tuned") or e["results"].get("model") or {}
+        figures.update({k: v for k, v in scores.items() if is_number(v)})
+        lower += [k for k, higher in (e.get("higher_is_better") or {}).items() if higher is False and k in scores]
+    return figures, lower
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -195,7 +212,11 @@ def value(summary: dict, column: str):
 
 def better(column: str, summaries: list[dict]) -> str | None:
     """Which way is better in `column`, "lower" or "higher"; None for names, times and the base model's figures."""
-    return BETTER.get(column) or (TASK_BETTER if column in task_metrics(summaries) else None)
+    if column in BETTER:
+        return BETTER[column]
+    if column not in task_metrics(summaries):
+        return None
+    return "lower" if any(column in s.get("lower_is_better", ()) for s in summaries) else TASK_BETTER
 
 
 def task_metrics(summaries: list[dict]) -> list[str]:
