@@ -308,3 +308,28 @@ def test_log_folder_and_origin_flags_fail_before_loading(tmp_path, model_dir, mo
     with rundir.lock(mine, "--log-requests"):
         result = CliRunner().invoke(app, ["serve", str(model_dir), "--port", "0", "--log-requests", str(mine)])
         assert result.exit_code == 2 and "in use by another" in result.output, result.output
+
+
+def test_models_take_turns(srv):
+    """A short request for `b` is answered while a long stream of `a` is still decoding (the models take turns a
+    step each; before, `b` waited for `a`'s batch to end): the chat page's side by side answers together."""
+    import threading
+
+    done = threading.Event()
+    started = threading.Event()
+
+    def long_stream():
+        body = {"model": "a", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400}
+        with srv.http() as http, http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    started.set()
+        done.set()
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(60)
+    short = chat(srv, "b", "Hi.", max_tokens=2)
+    finished_first = not done.is_set()
+    thread.join(120)
+    assert short["usage"]["completion_tokens"] <= 2 and finished_first

@@ -94,9 +94,9 @@ class Job:
 
 
 class Engine:
-    """The queue and the worker thread. At most `max_batch` requests decode together (those of one model, in the
-    order they came) and `max_queue` more wait; beyond that a request is refused (503) rather than queued without
-    bound."""
+    """The queue and the worker thread. At most `max_batch` requests decode at once (in one batch per model; the
+    models take turns, a step each) and `max_queue` more wait; beyond that a request is refused (503) rather than
+    queued without bound."""
 
     def __init__(self, served: dict[str, Served], max_batch: int, max_queue: int, debug: bool = False):
         self.served, self.max_batch, self.max_queue, self.debug = served, max_batch, max_queue, debug
@@ -138,49 +138,66 @@ class Engine:
             return {"running": len(self.running), "waiting": len(self.waiting)}
 
     def _work(self) -> None:
-        batch, served, scope = None, None, contextlib.ExitStack()
+        """Decode step by step. Each model (a base and each adapter on it count as models) has its own batch; the
+        models with requests take turns, one step each, so a request for one never waits for another's batch to
+        end (side by side on the chat page: the base and the adapter answer together)."""
+        batches: dict[str, Batch] = {}
+        last = None
         while True:
             with self.cond:
                 while not (self.waiting or self.running or self.closing):
                     self.cond.wait(0.25)
                 if self.closing:
                     self._end_all(ApiError(503, "the server is shutting down", code="shutting_down"))
-                    scope.close()
                     return
-                if not self.running:  # a new batch, for the model of the oldest waiting request
-                    served = self.waiting[0].served
-                    scope.close()
-                    scope = _use(served)
-                    batch = Batch(served.model, _pad_id(served.tokenizer))
+                served = self._next(last)
+                batch = batches.get(served.name) or Batch(served.model, _pad_id(served.tokenizer))
+                batches[served.name] = batch
                 new = self._take(served, batch)
                 self.running += new
+            last = served.name
+            mine = [j for j in self.running if j.served is served]
             try:
-                if new:
-                    batch.add([j.seq for j in new])
-                elif batch is not None and len(batch):
-                    batch.step()
-                self._deliver()
+                with _use(served):
+                    if new:
+                        batch.add([j.seq for j in new])
+                    elif len(batch):
+                        batch.step()
+                self._deliver(mine)
             except Exception as exc:  # noqa: BLE001 - a failed batch step ends its requests, not the server
                 error = self._failure(exc)
                 with self.cond:
-                    self._end_running(error)
-                batch = Batch(served.model, _pad_id(served.tokenizer))
+                    self._end_running(error, mine)
+                batch = batches[served.name] = Batch(served.model, _pad_id(served.tokenizer))
+            if not len(batch):
+                batches.pop(served.name, None)
+
+    def _next(self, last: str | None) -> Served:
+        """The model whose turn it is: the first after `last` (in the order served) with running or waiting
+        requests."""
+        busy = {j.served.name for j in self.running} | {j.served.name for j in self.waiting if not j.seq.cancelled}
+        names = list(self.served)
+        start = names.index(last) + 1 if last in names else 0
+        order = names[start:] + names[:start]
+        name = next((n for n in order if n in busy), None)
+        return self.served[name] if name else (self.waiting[0].served if self.waiting else self.running[0].served)
 
     def _take(self, served: Served, batch: Batch) -> list[Job]:
-        """The waiting requests for `served` that start now, oldest first: all that fit when a batch starts; later
-        ones join the running batch while no other model's request waits (that one goes next, when it drains)."""
+        """The waiting requests for `served` that start now, oldest first, while there is room (`--max-batch`
+        counts the requests decoding for every model); they join `served`'s running batch where its cache allows."""
         room = self.max_batch - len(self.running)
-        if self.running and (not batch.can_join() or any(j.served is not served for j in self.waiting)):
-            return []
-        new = [j for j in self.waiting if j.served is served and not j.seq.cancelled][:room]
+        if len(batch) and not batch.can_join():
+            room = 0
+        new = [j for j in self.waiting if j.served is served and not j.seq.cancelled][: max(room, 0)]
         self.waiting = deque(j for j in self.waiting if j not in new and not j.seq.cancelled)
         return new
 
-    def _deliver(self) -> None:
-        """Send each running request its new text; finish the ones that ended (one that failed ends alone)."""
+    def _deliver(self, jobs: list[Job]) -> None:
+        """Send each of `jobs` (one model's running requests) its new text; finish the ones that ended (one that
+        failed ends alone)."""
         done = []
-        size = len(self.running)
-        for job in self.running:
+        size = len(jobs)
+        for job in jobs:
             job.batch = max(job.batch, size)
             seq = job.seq
             if seq.finish_reason in (None, "stop", "length") and not seq.cancelled:
@@ -219,11 +236,13 @@ class Engine:
             traceback.print_exception(exc)
         return ApiError(500, f"generation failed: {detail}", code="generation_failed")
 
-    def _end_running(self, error: ApiError) -> None:
-        for job in self.running:
+    def _end_running(self, error: ApiError, jobs: list[Job] | None = None) -> None:
+        """End `jobs` (default: every running request) with `error`."""
+        jobs = list(self.running if jobs is None else jobs)
+        for job in jobs:
             job.seq.cancelled = True
             job.post(("error", error))
-        self.running = []
+        self.running = [j for j in self.running if j not in jobs]
 
     def _end_all(self, error: ApiError) -> None:
         self._end_running(error)
