@@ -178,6 +178,29 @@ def test_dpo_conflicts_duplicates_and_identical_replies(tmp_path):
     assert summary["skipped"] == {"choices between identical replies": 1, "conflicting ratings": 4}
 
 
+def test_a_reply_cut_at_max_tokens_is_only_ever_the_worse_one(tmp_path):
+    """Side by side, a base model that rambles to max_tokens loses to the tuned reply: that pair is kept (the cut
+    reply as `rejected`); a cut reply chosen or liked makes no pair, and never a KTO row."""
+    q = [{"role": "user", "content": "Order?"}]
+    requests = [
+        request(1, q, "{}"),
+        request(2, q, "I am sorry for your loss, I am sorry", finish="length"),
+        request(3, q, "I cannot", finish="length"),
+    ]
+    feedback = [
+        {"id": "chatcmpl-1", "better_than": "chatcmpl-2"},  # kept: the finished reply over the cut one
+        {"id": "chatcmpl-3", "better_than": "chatcmpl-1"},  # a cut reply chosen: no pair
+        {"id": "chatcmpl-2", "rating": -1},
+    ]
+    log = make_log(tmp_path / "log", requests, feedback, torn=False)
+    summary, rows = export(log, tmp_path / "d.jsonl", "dpo")
+    got = [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["from"]) for r in rows]
+    assert got == [("{}", "I am sorry for your loss, I am sorry", "choice")]
+    assert summary["skipped"]["cut at max_tokens"] == 1
+    result = runner.invoke(app, ["feedback", str(log), "-o", str(tmp_path / "k.jsonl")])
+    assert result.exit_code == 2 and "cut at max_tokens" in result.output  # the one rating is of a cut reply
+
+
 @pytest.fixture(scope="module")
 def recipes(exported, tiny_model_dir) -> dict[str, Path]:
     """A recipe per objective with data.train the exported file: LoRA, 2 steps of 2 (KTO needs 2 a batch)."""

@@ -229,17 +229,17 @@ def _read_requests(path: Path, wanted: set[str], skipped: Counter) -> tuple[dict
     return found, logged
 
 
-def _usable(record: dict | None) -> tuple[dict | None, str | None]:
+def _usable(record: dict | None, cut_ok: bool = False) -> tuple[dict | None, str | None]:
     """A logged request as {"prompt": [...], "completion": [assistant]} (normalised as ftune's loader reads it),
-    or (None, why it cannot teach anything)."""
+    or (None, why it cannot teach anything). `cut_ok`: a reply cut at max_tokens is usable (as a worse reply)."""
     if record is None:
         return None, UNKNOWN
     if record.get("endpoint", "chat") != "chat" or "messages" not in record:
         return None, COMPLETIONS
     finish = record.get("finish_reason")
-    if finish == "length":
+    if finish == "length" and not cut_ok:
         return None, CUT
-    if finish != "stop":
+    if finish not in ("stop", "length"):
         return None, f"finish_reason {finish}"
     messages, reply = record.get("messages"), record.get("reply")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -279,11 +279,13 @@ def _dpo(ratings: dict, choices: list, requests: dict, skipped: Counter) -> tupl
     """Pairs from side-by-side choices, then from replies to identical messages rated up and down (each liked
     reply with each disliked one). Pairs are of texts: the same two replies to the same messages make one pair; a
     choice decides over ratings, and a later choice over an earlier one; ratings that say both ways about the same
-    two texts (the same reply liked and disliked) make no pair."""
+    two texts (the same reply liked and disliked) make no pair. A reply cut at max_tokens is only ever the worse
+    one (a rambling base model's reply, side by side with the tuned one's, is the choice people make most)."""
     usable = {}
     for rid in list(ratings) + [i for c in choices for i in c[:2]]:
         if rid not in usable:
-            usable[rid] = _usable(requests.get(rid))
+            usable[rid] = _usable(requests.get(rid), cut_ok=True)
+    cut = {rid for rid in usable if (requests.get(rid) or {}).get("finish_reason") == "length"}
 
     def prompt(rid: str) -> str:
         return json.dumps(usable[rid][0]["prompt"], sort_keys=True)
@@ -300,6 +302,8 @@ def _dpo(ratings: dict, choices: list, requests: dict, skipped: Counter) -> tupl
         why = next((usable[i][1] for i in (better, worse) if usable[i][0] is None), None)
         if why is None and better == worse:
             why = SELF
+        elif why is None and better in cut:
+            why = CUT
         elif why is None and prompt(better) != prompt(worse):
             why = DIFFERENT
         elif why is None and text(better) == text(worse):
@@ -318,8 +322,8 @@ def _dpo(ratings: dict, choices: list, requests: dict, skipped: Counter) -> tupl
     liked: dict[str, list[str]] = {}
     disliked: dict[str, list[str]] = {}
     for rid, (rating, _, _) in ratings.items():
-        if usable[rid][0] is None:
-            skipped[usable[rid][1]] += 1
+        if usable[rid][0] is None or (rating == 1 and rid in cut):
+            skipped[usable[rid][1] or CUT] += 1
             continue
         (liked if rating == 1 else disliked).setdefault(prompt(rid), []).append(rid)
     for p, good in liked.items():
@@ -337,6 +341,8 @@ def _dpo(ratings: dict, choices: list, requests: dict, skipped: Counter) -> tupl
     used = {(prompt(i), text(i)) for p in written for i in (p["chosen"], p["rejected"])}
     conflicted = {(prompt(i), text(i)) for p in pairs.values() if p["conflict"] for i in (p["chosen"], p["rejected"])}
     for rid in ratings:
+        if ratings[rid][0] == 1 and rid in cut:
+            continue  # counted above
         if usable[rid][0] is not None and (prompt(rid), text(rid)) not in used:
             skipped[CONFLICT if (prompt(rid), text(rid)) in conflicted else UNPAIRED] += 1
     rows = []
