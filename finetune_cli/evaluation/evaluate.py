@@ -72,26 +72,7 @@ def run(
     def score(model) -> dict:
         return measure(model, examples, batch_size, pad, progress(len(examples)))
 
-    def load(weights: str):
-        return models.load_model(weights, found.dtype, found.trust_remote_code)
-
-    results = {}
-    if found.kind == "model":
-        results["model"] = score(load(found.weights))
-    elif found.adapter is None:  # full fine-tuning: two separate models
-        if compare_base or base_only:
-            results["base"] = score(load(models.resolve(found.base)))
-        if not base_only:
-            results["tuned"] = score(load(found.weights))
-    else:  # one base model, scored with the adapter and with it switched off
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
-        if compare_base or base_only:
-            with model.disable_adapter():
-                results["base"] = score(model)
-        if not base_only:
-            results["tuned"] = score(model)
+    results = each_model(found, score, compare_base or base_only, tuned=not base_only)
     out = EvalResult(
         target=str(target),
         base=found.base or str(target),
@@ -156,24 +137,9 @@ def run_generate(
         )
         return replies, tokens / max(time.perf_counter() - started, 1e-9)
 
-    def load(weights: str):
-        return models.load_model(weights, found.dtype, found.trust_remote_code)
-
-    answers, speed = {}, {}
-    if found.kind == "model":
-        answers["model"], speed["model"] = answer(load(found.weights))
-    elif found.adapter is None:  # full fine-tuning: two separate models
-        if compare_base:
-            answers["base"], speed["base"] = answer(load(models.resolve(found.base)))
-        answers["tuned"], speed["tuned"] = answer(load(found.weights))
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
-        if compare_base:
-            with model.disable_adapter():
-                answers["base"], speed["base"] = answer(model)
-        answers["tuned"], speed["tuned"] = answer(model)
+    answered = each_model(found, answer, compare_base)
+    answers = {name: replies for name, (replies, _) in answered.items()}
+    speed = {name: rate for name, (_, rate) in answered.items()}
     results = {name: predict.score(replies, references, metrics) for name, replies in answers.items()}
     if out_path is not None:
         main = answers.get("tuned", answers.get("model"))
@@ -207,6 +173,34 @@ def run_generate(
         rundir.save_evaluation(found.run_dir, saved)
         page.refresh_report(found.run_dir)  # report.html shows the result saved
     return out
+
+
+def each_model(found: rundir.Target, score: Callable, base: bool = False, tuned: bool = True) -> dict:
+    """`score(model)` for each model an evaluation compares, loaded as ftune loads them: {"model": ...} for a model
+    folder or name, else "base" (when `base`) and "tuned" (when `tuned`). A full run's base and model are two
+    models; an adapter is loaded once on its base and scored with it switched off and on."""
+    results = {}
+
+    def load(weights: str):
+        return models.load_model(weights, found.dtype, found.trust_remote_code)
+
+    if found.kind == "model":
+        results["model"] = score(load(found.weights))
+    elif found.adapter is None:  # full fine-tuning: two separate models
+        if base:
+            results["base"] = score(load(models.resolve(found.base)))
+        if tuned:
+            results["tuned"] = score(load(found.weights))
+    else:  # one base model, scored with the adapter and with it switched off
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
+        if base:
+            with model.disable_adapter():
+                results["base"] = score(model)
+        if tuned:
+            results["tuned"] = score(model)
+    return results
 
 
 def _classifier(found, target, data, base, batch_size, progress, predictions, stride) -> EvalResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from finetune_cli import models, rundir
 from finetune_cli.errors import FtuneError
+from finetune_cli.evaluation.evaluate import each_model
 from finetune_cli.results import TasksEval
 
 EXTRA = "pip install 'ftune[tasks]' (EleutherAI's lm-evaluation-harness, the lm-eval package)"
@@ -148,24 +149,7 @@ def run_tasks(
         )
         return out
 
-    def load(weights: str):
-        return models.load_model(weights, found.dtype, found.trust_remote_code)
-
-    raw = {}
-    if found.kind == "model":
-        raw["model"] = score(load(found.weights))
-    elif found.adapter is None:  # full fine-tuning: two separate models
-        if compare_base:
-            raw["base"] = score(load(models.resolve(found.base)))
-        raw["tuned"] = score(load(found.weights))
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load(found.weights), str(found.adapter))
-        if compare_base:
-            with model.disable_adapter():
-                raw["base"] = score(model)
-        raw["tuned"] = score(model)
+    raw = each_model(found, score, compare_base)
     first = next(iter(raw.values()))
     results = {name: _figures(out)[0] for name, out in raw.items()}
     metrics = list(next(iter(results.values())))
