@@ -91,10 +91,12 @@ def describe(summary: dict) -> str:
     """Two lines for people: what was written from what and what was left out, then how to train on it."""
     out, fmt = summary["output"], summary["format"]
     if fmt == "kto":
-        what = f"{summary['rows']} KTO rows ({summary['desirable']} desirable, {summary['undesirable']} undesirable)"
+        rows = f"{summary['rows']} KTO row{'s' * (summary['rows'] != 1)}"
+        what = f"{rows} ({summary['desirable']} desirable, {summary['undesirable']} undesirable)"
     else:
         what = (
-            f"{summary['rows']} DPO pairs ({summary['from_choices']} from side-by-side choices, "
+            f"{summary['rows']} DPO pair{'s' * (summary['rows'] != 1)} ({summary['from_choices']} from side-by-side "
+            "choices, "
             f"{summary['from_ratings']} from opposite ratings of the same messages)"
         )
     line = f"wrote {what} to {out} from {summary['requests']} logged requests"
