@@ -13,10 +13,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from finetune_cli import __version__
-from finetune_cli.data import examples
-from finetune_cli.data.examples import Examples
+from finetune_cli.data import examples, store
 from finetune_cli.data.masking import tokenize_all
+from finetune_cli.data.store import Records
 
 KEEP = 32
 
@@ -27,12 +29,18 @@ def directory() -> Path:
     return ftune_home() / "tokenized"
 
 
-def key(tokenizer, records: list[dict], max_length: int, train_on: str) -> str:
+def key(tokenizer, records, max_length: int, train_on: str) -> str:
+    """The digests of the records' contents in order (`store.digest`: Records computed them as they were read,
+    so nothing is decoded here), with everything else tokenizing depends on."""
     h = hashlib.sha256()
     h.update(json.dumps([__version__, max_length, train_on, tokenizer_fingerprint(tokenizer)]).encode())
-    for r in records:
-        h.update(json.dumps(r.get("messages", r.get("text")), sort_keys=True).encode())
-        h.update(b"\n")
+    if isinstance(records, Records):
+        digests = records.digests()
+        for start in range(0, len(digests), 1 << 16):
+            h.update(np.ascontiguousarray(digests[start : start + (1 << 16)]).tobytes())
+    else:
+        for r in records:
+            h.update(store.digest(r))
     return h.hexdigest()[:32]
 
 
@@ -42,8 +50,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def tokenize(tokenizer, records: list[dict], max_length: int, train_on: str, enabled: bool = True):
-    """`masking.tokenize_all` through the cache: (examples, stats), stats["cache"] is "hit", "miss" or "off"."""
+def tokenize(tokenizer, records, max_length: int, train_on: str, enabled: bool = True):
+    """`masking.tokenize_all` through the cache: (examples, stats), stats["cache"] is "hit", "miss" or "off".
+    On a miss the examples are written straight into the new entry (renamed into place once whole)."""
     if not enabled or not records:
         tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on)
         return tokenized, {**stats, "cache": "off"}
@@ -51,11 +60,19 @@ def tokenize(tokenizer, records: list[dict], max_length: int, train_on: str, ena
     loaded = _load(path)
     if loaded is not None:
         return loaded[0], {**loaded[1], "cache": "hit"}
-    tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _save(path, tokenized, stats)
-    except OSError:  # a read-only or full cache folder only costs speed
-        pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError:  # a read-only cache folder only costs speed
+        tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on)
+        return tokenized, {**stats, "cache": "off"}
+    try:
+        tokenized, stats = tokenize_all(tokenizer, records, max_length, train_on, tmp)
+        os.replace(tmp, path)  # the examples stay mapped from the file under its new name
+    finally:
+        tmp.unlink(missing_ok=True)
+    _prune(path.parent)
     return tokenized, {**stats, "cache": "miss"}
 
 
@@ -64,22 +81,15 @@ def _load(path: Path):
         return None
     try:
         loaded = examples.load(path)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # unreadable entry: tokenize again and overwrite it
     os.utime(path)
     return loaded
 
 
-def _save(path: Path, tokenized: Examples, stats: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        examples.save(tmp, tokenized, stats)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for old in path.parent.glob("*.npz"):  # the format before Arrow files
+def _prune(folder: Path) -> None:
+    for old in folder.glob("*.npz"):  # the format before Arrow files
         old.unlink(missing_ok=True)
-    entries = sorted(path.parent.glob("*.arrow"), key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(folder.glob("*.arrow"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
         old.unlink(missing_ok=True)

@@ -99,16 +99,54 @@ class Examples(Sequence):
     def learned(self, ignore: int = -100) -> int:
         return sum(int(np.count_nonzero(labels != ignore)) for _, labels, _ in self.parts)
 
+    def batches(self) -> list:
+        """A record batch of two list columns per part, over the same buffers."""
+        import pyarrow as pa
+
+        out = []
+        for ids, labels, offsets in self.parts:
+            columns = [pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)) for values in (ids, labels)]
+            out.append(pa.record_batch(columns, names=["input_ids", "labels"]))
+        return out
+
     def table(self):
         """The examples as an Arrow table of two list columns, a record batch per part, over the same buffers."""
         import pyarrow as pa
 
-        batches = []
-        for ids, labels, offsets in self.parts:
-            columns = [pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)) for values in (ids, labels)]
-            batches.append(pa.record_batch(columns, names=["input_ids", "labels"]))
-        schema = pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
-        return pa.Table.from_batches(batches, schema=schema)
+        return pa.Table.from_batches(self.batches(), schema=schema())
+
+
+def schema():
+    import pyarrow as pa
+
+    return pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
+
+
+class Writer:
+    """Examples written to an Arrow IPC file part by part as they are tokenized (none is kept in memory); the
+    stats, known at the end, go in the custom metadata of a last, empty batch. `load` reads it."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, schema())
+
+    def write(self, examples: Examples) -> None:
+        for batch in examples.batches():
+            self._writer.write_batch(batch)
+
+    def close(self, stats: dict | None = None) -> None:
+        """Finish the file (with `stats`), or with none only close it: an unfinished file is for deleting."""
+        import pyarrow as pa
+
+        try:
+            if stats is not None:
+                empty = pa.record_batch([pa.array([], t.type) for t in schema()], schema=schema())
+                self._writer.write_batch(empty, custom_metadata={STATS: json.dumps(stats).encode()})
+                self._writer.close()
+        finally:
+            self._sink.close()
 
 
 def dataset(examples):
@@ -137,8 +175,12 @@ def load(path: Path) -> tuple[Examples, dict]:
     """Examples memory-mapped from a file `save` wrote: pages are read as they are used, nothing is copied."""
     import pyarrow as pa
 
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    stats = json.loads(table.schema.metadata[STATS])
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    table = reader.read_all()
+    if table.schema.metadata and STATS in table.schema.metadata:  # `save`
+        stats = json.loads(table.schema.metadata[STATS])
+    else:  # `Writer`: in its last batch
+        stats = json.loads(reader.get_batch_with_custom_metadata(reader.num_record_batches - 1)[1][STATS])
     out = Examples.concat([])
     for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
         offsets = ids.offsets.to_numpy()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
+
 from finetune_cli.data import sources
 from finetune_cli.data.formats import LineError, convert, detect, json_text, rename
+from finetune_cli.data.store import Errors, Records, Store, as_records
 from finetune_cli.errors import FtuneError
 
 NO_FORMAT = (
@@ -20,8 +23,10 @@ SURROGATE = 'an escape between "\\ud800" and "\\udfff" without its pair is half 
 
 def parse(
     path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None
-) -> tuple[list[dict], list[LineError], str | None]:
+) -> tuple[Records, Errors, str | None]:
     """Every example of a source: (records, errors, format); a record is `{"source", "format", "messages"|"text"}`.
+    The records are written to disk as they are read (`store.Records`); errors keep the first of each kind and
+    count all (`store.Errors`).
 
     `path` is a file, a folder, `hf:ORG/NAME`, or a recipe's data spec (path with split, subset, revision): see
     `sources`. With `fmt="auto"` the format is the one of the first row that fits a format, and a later row in
@@ -30,7 +35,7 @@ def parse(
     source = sources.open_source(path)
     columns = columns or {}
     auto, file = fmt == "auto", None
-    records, errors, detected_at, found = [], [], None, {}
+    records, errors, detected_at, found = Store(), Errors(), None, {}
     for where, at, raw, escapes, part in source.rows:
         if auto and part != file:  # the next file of a folder: detect its format afresh
             fmt, file, detected_at = "auto", part, None
@@ -70,7 +75,7 @@ def parse(
         if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
             record["messages"].insert(0, {"role": "system", "content": system_prompt})
         records.append({"source": where, "format": fmt, **record})
-    return records, errors, (", ".join(found) or None) if auto else fmt
+    return Records((records.done(),)), errors, (", ".join(found) or None) if auto else fmt
 
 
 def image_path(value: str, data_file: str, where: str) -> str:
@@ -93,7 +98,7 @@ def _encodable(record: dict) -> bool:
     return True
 
 
-def read(path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None) -> list[dict]:
+def read(path, fmt: str = "auto", columns: dict | None = None, system_prompt: str | None = None) -> Records:
     """The records of one source; the first bad row raises FtuneError naming file and line (or row)."""
     records, errors, _ = parse(path, fmt, columns, system_prompt)
     if errors:
@@ -103,22 +108,23 @@ def read(path, fmt: str = "auto", columns: dict | None = None, system_prompt: st
     return records
 
 
-def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dict]]:
+def load(data, seed: int, reader=read) -> tuple[Records, Records, list[dict]]:
     """The recipe's data: (train records after weighting, eval records, per-file info).
 
     Each training file is read in its own format; `eval_split` holds out that fraction of every file
     (chosen by `seed`) before weights apply, so no repeated example leaks into evaluation. A weight
-    scales how many of a file's examples one epoch sees: 2 repeats each twice, 0.5 keeps a seeded half."""
+    scales how many of a file's examples one epoch sees: 2 repeats each twice, 0.5 keeps a seeded half.
+    Splits and weights pick rows by index (`Records.take`): no record is decoded here but each file's first."""
     rng = random.Random(seed)
     train, held, info = [], [], []
     for spec in data.files():
-        records = reader(spec, spec.format, spec.columns, data.system_prompt)
+        records = as_records(reader(spec, spec.format, spec.columns, data.system_prompt))
         if data.eval_split:
             records, out = split(records, data.eval_split, seed)
-            held += out
-        weighted = records * int(spec.weight)
+            held.append(out)
         extra = round(len(records) * (spec.weight - int(spec.weight)))
-        weighted += rng.sample(records, extra)
+        # the same random calls as rng.sample(records, extra) on a list: sample reads only its length
+        weighted = records.repeat(int(spec.weight)) + records.take(rng.sample(range(len(records)), extra))
         if records and not weighted:
             raise FtuneError(f"{spec.path}: weight {spec.weight} leaves no example of this file")
         info.append(
@@ -131,17 +137,25 @@ def load(data, seed: int, reader=read) -> tuple[list[dict], list[dict], list[dic
                 "used": len(weighted),
             }
         )
-        train += weighted
+        train.append(weighted)
+    train, held = Records.concat(train), Records.concat(held)
     source = data.eval_source()
-    evals = reader(source, source.format, source.columns, data.system_prompt) if source else held
+    evals = as_records(reader(source, source.format, source.columns, data.system_prompt)) if source else held
     if data.eval_split and not held and train:
         raise FtuneError(f"data.eval_split {data.eval_split} holds out no example of so little data; raise it")
     return train, evals, info
 
 
-def split(convs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the examples (rounded), chosen by `seed`: (train, eval)."""
-    order = list(range(len(convs)))
+def split(convs, fraction: float, seed: int):
+    """Hold out `fraction` of the examples (rounded), chosen by `seed`: (train, eval), each in the original order.
+    Records give Records (index views), a list gives lists."""
+    from array import array
+
+    order = array("q", range(len(convs)))  # shuffled as the list of positions it was: the same held-out rows
     random.Random(seed).shuffle(order)
-    held = set(order[: round(len(convs) * fraction)])
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+    held = np.zeros(len(convs), dtype=bool)
+    held[np.frombuffer(order, dtype=np.int64)[: round(len(convs) * fraction)]] = True
+    keep, out = np.flatnonzero(~held), np.flatnonzero(held)
+    if isinstance(convs, Records):
+        return convs.take(keep), convs.take(out)
+    return [convs[i] for i in keep.tolist()], [convs[i] for i in out.tolist()]

@@ -14,11 +14,14 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from array import array
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.data import examples as examples_file
 from finetune_cli.data.examples import Examples
 from finetune_cli.errors import FtuneError
 
@@ -148,26 +151,46 @@ def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict]:
     return [{"input_ids": c, "labels": [IGNORE, *c[1:]]} for c in chunks if len(c) > 1]
 
 
-def tokenize_all(tokenizer, records: list[dict], max_length: int, train_on: str) -> tuple[Examples, dict]:
+def tokenize_all(tokenizer, records, max_length: int, train_on: str, path: Path | None = None) -> tuple[Examples, dict]:
     """Tokenize conversations (and plain texts), in forked processes for big sets; drop those left with nothing to
-    learn; return the examples (flat, in record order) and counts."""
+    learn; return the examples (flat, in record order) and counts.
+
+    Each chunk's examples are written to an Arrow file as it comes (`path`: the tokenized cache's entry, being
+    written; else a temporary file, deleted once mapped) and the whole is memory-mapped back from it: the
+    examples of any number of records cost pages of the file, not memory."""
     if not getattr(tokenizer, "is_fast", False):
         raise FtuneError("this tokenizer has no fast (Rust) version; ftune needs character offsets to mask the loss")
-    parts, truncated, dropped = [], 0, 0
-    for part, error in map_records(tokenizer, records, _tokenize_chunk, max_length, train_on):
-        if error:
-            raise FtuneError(error)
-        parts.append(part[0])
-        truncated, dropped = truncated + part[1], dropped + part[2]
-    examples = Examples.concat(parts)
-    stats = {
-        "examples": len(examples),
-        "truncated": truncated,
-        "dropped": dropped,
-        "tokens": examples.tokens(),
-        "learned_tokens": examples.learned(IGNORE),
-    }
-    return examples, stats
+    own = path is None
+    if own:
+        handle, name = tempfile.mkstemp(prefix="ftune-examples-", suffix=".arrow")
+        os.close(handle)
+        path = Path(name)
+    truncated = dropped = count = tokens = learned = 0
+    stats = None
+    try:
+        writer = examples_file.Writer(path)
+        try:
+            for part, error in map_records(tokenizer, records, _tokenize_chunk, max_length, train_on):
+                if error:
+                    raise FtuneError(error)
+                examples, cut, empty = part
+                writer.write(examples)
+                truncated, dropped, count = truncated + cut, dropped + empty, count + len(examples)
+                tokens, learned = tokens + examples.tokens(), learned + examples.learned(IGNORE)
+            stats = {
+                "examples": count,
+                "truncated": truncated,
+                "dropped": dropped,
+                "tokens": tokens,
+                "learned_tokens": learned,
+            }
+        finally:
+            writer.close(stats)
+        loaded = examples_file.load(path)[0]
+    finally:
+        if own:  # the memory map keeps its pages readable
+            path.unlink(missing_ok=True)
+    return loaded, stats
 
 
 def _tokenize_chunk(tokenizer, records: list[dict], max_length: int, train_on: str):
@@ -217,20 +240,21 @@ def workers(count: int) -> int:
     return 1 if count < PARALLEL_FROM else min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
-def map_records(tokenizer, records: list, work, *args) -> Iterator:
-    """`work(tokenizer, chunk, *args)` for consecutive chunks of records, results in order. Big sets go to
-    forked processes (they inherit the tokenizer; each chunk is sent pickled, so none copies all records)."""
-    chunks = (records[i : i + CHUNK] for i in range(0, len(records), CHUNK))
-    n = min(workers(len(records)), -(-len(records) // CHUNK))
+def map_records(tokenizer, records, work, *args) -> Iterator:
+    """`work(tokenizer, chunk, *args)` for consecutive chunks of records (a sequence: `store.Records` or a list),
+    results in order. Big sets go to forked processes: they inherit the tokenizer and the records (a `Records`
+    reads its rows from its file), and are sent only each chunk's (start, end); only results come back."""
+    ranges = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
+    n = min(workers(len(records)), len(ranges))
     if n <= 1:
-        yield from (work(tokenizer, chunk, *args) for chunk in chunks)
+        yield from (work(tokenizer, records[a:b], *args) for a, b in ranges)
         return
     global _JOB
-    _JOB = (tokenizer, work, args)
+    _JOB = (tokenizer, work, args, records)
     gc.freeze()  # the workers' garbage collector leaves the parent's objects alone: their pages stay shared
     try:
         with multiprocessing.get_context("fork").Pool(n, initializer=_ignore_sigint) as pool:
-            yield from pool.imap(_run, chunks)
+            yield from pool.imap(_run, ranges)
     finally:
         gc.unfreeze()
         _JOB = None
@@ -240,6 +264,6 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
 
 
-def _run(chunk: list):
-    tokenizer, work, args = _JOB
-    return work(tokenizer, chunk, *args)
+def _run(span: tuple[int, int]):
+    tokenizer, work, args, records = _JOB
+    return work(tokenizer, records[span[0] : span[1]], *args)

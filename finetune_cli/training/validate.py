@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from array import array
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from finetune_cli import models
 from finetune_cli.classification import inputs, labels
 from finetune_cli.data import jsonl, preference, sources
 from finetune_cli.data.formats import PAIR_FIELDS, LineError
 from finetune_cli.data.masking import IGNORE, map_records, tokenize, tokenize_text
+from finetune_cli.data.store import Errors, Records
 from finetune_cli.errors import FtuneError
 from finetune_cli.results import ValidateReport
 from finetune_cli.training import classifier, methods
@@ -28,12 +32,15 @@ PREFERENCE_KEYS = ("prompt", *PAIR_FIELDS, "completion", "label")
 
 UNLIMITED = 1 << 40
 SHOWN = 20  # bad rows listed per kind of error, and duplicates listed; the counts are of all of them
+# validate's counts of each example, one row of int32 per distinct line (-1: the part is not in that example):
+# arrays, not a dict per line, so a million lines cost 36 MB here
+COUNTS = ("tokens", "learned", "lost", "over", "prompt", "chosen", "rejected", "completion", "chat")
 
 
 def validate(recipe) -> ValidateReport:
     """The report: files (format, examples, errors), errors by kind, warnings, statistics; `ok` when no error."""
     d = recipe.data
-    errors: list[LineError] = []
+    errors = Errors()  # the first of each kind and how many: validate lists SHOWN of each
     files: list[dict] = []
 
     def reader(spec, fmt, columns, system_prompt):
@@ -49,7 +56,7 @@ def validate(recipe) -> ValidateReport:
         errors.extend(bad)
         if not records and not bad:
             errors.append(LineError("empty file", str(path), "no examples (the file is empty)"))
-        files.append({"path": str(path), "format": found, "examples": len(records), "errors": len(bad)})
+        files.append({"path": str(path), "format": found, "examples": len(records), "errors": bad.total})
         return records
 
     train, evals, _ = jsonl.load(d, recipe.training.seed, reader)
@@ -62,25 +69,30 @@ def validate(recipe) -> ValidateReport:
         classifier.check_data(recipe.training.objective, train, evals, d.files()[0].path)
     except FtuneError as exc:
         errors.append(_named("objective", exc, d.files()[0].path))
-    train, evals = [r for r in train if not classifier.is_row(r)], [r for r in evals if not classifier.is_row(r)]
-    lines = [r for r in lines if not classifier.is_row(r)]
+    train, evals = _keep(train, _not_row), _keep(evals, _not_row)
+    lines = _keep(lines, _not_row)
     tokenizer = _tokenizer(recipe, lines, source)
-    counted = {}
+    counts, ok = np.full((len(lines), len(COUNTS)), -1, np.int32), np.zeros(len(lines), bool)
+    at = 0
     for chunk in map_records(tokenizer, lines, _count_chunk, d.max_length, d.train_on, d.system_prompt):
-        for where, count, problem in chunk:
-            if problem is not None:
-                errors.append(LineError("template", where, f"chat template cannot render this conversation: {problem}"))
-            else:
-                counted[where] = count
-    train = [r for r in train if r["source"] in counted]
-    stats = _stats([counted[r["source"]] for r in train], d.max_length)
-    if preference.is_preference(train):
-        stats["pairs"] = preference.part_stats([counted[r["source"]] for r in train], _spread)
+        rows, problems = chunk
+        counts[at : at + len(rows)], ok[at : at + len(rows)] = rows, True
+        for i, where, problem in problems:
+            ok[at + i] = False
+            errors.append(LineError("template", where, f"chat template cannot render this conversation: {problem}"))
+        at += len(rows)
+    find = _finder(lines)
+    train_at = find(train)
+    train = train.take(np.flatnonzero(ok[train_at])) if isinstance(train, Records) else _kept(train, ok[train_at])
+    train_at = train_at[ok[train_at]]
+    stats = _stats(counts[train_at], d.max_length)
+    if len(train_at) and bool(np.any(counts[train_at, COUNTS.index("prompt")] >= 0)):  # preference rows
+        stats["pairs"] = _part_stats(counts[train_at])
     try:
         preference.check_data(recipe.training.objective, train, evals, d.files()[0].path)
     except FtuneError as exc:
         errors.append(LineError("objective", d.files()[0].path, str(exc).split(": ", 1)[-1]))
-    if train and not stats["learned_tokens_per_epoch"]:  # what `ftune train` refuses, with the same words
+    if len(train) and not stats["learned_tokens_per_epoch"]:  # what `ftune train` refuses, with the same words
         errors.append(
             LineError(
                 "nothing to learn",
@@ -90,18 +102,17 @@ def validate(recipe) -> ValidateReport:
         )
     t = recipe.training
     per_step = t.batch_size * t.gradient_accumulation * recipe.distributed.num_processes
-    stats["steps_per_epoch"] = math.ceil(len(train) / per_step) if train else 0
-    if evals:
-        stats["eval"] = _stats([counted[r["source"]] for r in _unique(evals) if r["source"] in counted], d.max_length)
-    warnings = _warnings(lines) + _length_warnings(
-        [r for r in _unique(train) if "messages" in r], counted, d.max_length, weights
-    )
+    stats["steps_per_epoch"] = math.ceil(len(train) / per_step) if len(train) else 0
+    if len(evals):
+        at = find(_unique(evals))
+        stats["eval"] = _stats(counts[at[ok[at]]], d.max_length)
+    warnings = _warnings(lines) + _length_warnings(lines, counts, find(_unique(train)), d.max_length, weights)
     return _report(recipe, files, errors, _device_warnings(recipe) + warnings, stats)
 
 
 def _report(recipe, files: list[dict], errors: list[LineError], warnings: list[str], stats: dict) -> ValidateReport:
     by_kind: dict[str, list[dict]] = {}
-    counts = Counter(e.kind for e in errors)
+    counts = errors.counts if isinstance(errors, Errors) else Counter(e.kind for e in errors)
     for e in errors:
         shown = by_kind.setdefault(e.kind, [])
         if len(shown) < SHOWN:
@@ -113,7 +124,7 @@ def _report(recipe, files: list[dict], errors: list[LineError], warnings: list[s
             "files": files,
             "errors": by_kind,
             "error_counts": dict(counts),
-            "error_count": len(errors),
+            "error_count": sum(counts.values()),
             "warnings": warnings,
             "stats": stats,
             "ok": not errors,
@@ -192,13 +203,15 @@ def _classification(recipe, train: list[dict], evals: list[dict], source: str, e
 def _check_classes(recipe, train: list[dict], evals: list[dict], first: str, errors: list) -> None:
     """training.classifier.classes as errors: each unreadable image, each row whose label it refuses (the row it
     names is dropped and it runs again), then what is wrong with the data as a whole (one class)."""
+    bad = set()
     for r in _unique(train + evals):  # each unreadable image, not only the first
         if isinstance(r.get("image"), (str, bytes)):
             try:
                 classifier.check_images([r])
             except FtuneError as exc:
-                errors.append(_named("image", exc, r["source"]))
-    bad = {e.where for e in errors if e.kind == "image"}
+                error = _named("image", exc, r["source"])
+                errors.append(error)
+                bad.add(error.where)
     train, evals = [r for r in train if r["source"] not in bad], [r for r in evals if r["source"] not in bad]
     while True:  # a row the labels check names is dropped and the check runs again, to name every such row
         try:
@@ -217,8 +230,40 @@ def _text_stats(lengths: list[int], max_length: int) -> dict:
     return {"tokens": _spread(lengths), "over_max_length": sum(n > max_length for n in lengths)}
 
 
-def _unique(records: list[dict]) -> list[dict]:
+def _unique(records):
+    """Each line once, in order of first appearance (weights repeat lines, eval_split moves them)."""
+    if isinstance(records, Records):
+        return records.unique()
     return list({r["source"]: r for r in records}.values())
+
+
+def _not_row(record: dict) -> bool:
+    return not classifier.is_row(record)
+
+
+def _keep(records, keep):
+    """The records `keep` is true of: a view of Records (one pass, nothing kept in memory), else a list."""
+    return records.where(keep) if isinstance(records, Records) else [r for r in records if keep(r)]
+
+
+def _kept(records: list, mask: np.ndarray) -> list:
+    return [r for r, k in zip(records, mask.tolist()) if k]
+
+
+def _finder(lines):
+    """position of each record in `lines` (distinct by source): by the sources' hashes for Records."""
+    if isinstance(lines, Records):
+        keys = lines.keys()
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+
+        def find(records) -> np.ndarray:
+            wanted = records.keys() if isinstance(records, Records) else Records.from_list(records).keys()
+            return order[np.searchsorted(sorted_keys, wanted)]
+
+        return find
+    where = {r["source"]: i for i, r in enumerate(lines)}
+    return lambda records: np.array([where[r["source"]] for r in records], dtype=np.int64)
 
 
 def _sources(recipe) -> tuple[str, str]:
@@ -243,15 +288,19 @@ def _tokenizer(recipe, records: list[dict], source: str | None = None):
     )
 
 
-def _count_chunk(tokenizer, records: list[dict], max_length: int, train_on: str, system_prompt) -> list[tuple]:
-    """(where, counts, None) for each record, or (where, None, why the template cannot render it)."""
-    out = []
-    for r in records:
+def _count_chunk(tokenizer, records, max_length: int, train_on: str, system_prompt) -> tuple:
+    """(an array of COUNTS, a row per record, -1 where a part is absent; [(i, where, why the template cannot
+    render record i)])."""
+    rows, problems = np.full((len(records), len(COUNTS)), -1, np.int32), []
+    for i, r in enumerate(records):
         try:
-            out.append((r["source"], _count(tokenizer, r, max_length, train_on, system_prompt), None))
+            count = _count(tokenizer, r, max_length, train_on, system_prompt)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception or the span search
-            out.append((r["source"], None, str(exc)))
-    return out
+            problems.append((i, r["source"], str(exc)))
+            continue
+        count = {**count, "chat": "messages" in r}
+        rows[i] = [int(count.get(name, -1)) for name in COUNTS]
+    return rows, problems
 
 
 def _count(tokenizer, record: dict, max_length: int, train_on: str, system_prompt: str | None = None) -> dict:
@@ -269,51 +318,82 @@ def _count(tokenizer, record: dict, max_length: int, train_on: str, system_promp
     return {"tokens": len(labels), "learned": learned, "lost": learned - kept, "over": len(labels) > max_length}
 
 
-def _spread(values: list[int]) -> dict:
-    values = sorted(values)
-    if not values:
+def _spread(values) -> dict:
+    """min, nearest-rank p50 and p95, and max: exact (one sort of the array of all values)."""
+    values = np.sort(np.asarray(values, dtype=np.int64))
+    if not len(values):
         return {"min": 0, "p50": 0, "p95": 0, "max": 0}
-    rank = lambda q: values[max(0, math.ceil(q * len(values)) - 1)]  # noqa: E731 - nearest-rank percentile
-    return {"min": values[0], "p50": rank(0.5), "p95": rank(0.95), "max": values[-1]}
+    rank = lambda q: int(values[max(0, math.ceil(q * len(values)) - 1)])  # noqa: E731 - nearest-rank percentile
+    return {"min": int(values[0]), "p50": rank(0.5), "p95": rank(0.95), "max": int(values[-1])}
 
 
-def _stats(counts: list[dict], max_length: int) -> dict:
-    spread = _spread
+def _stats(counts: np.ndarray, max_length: int) -> dict:
+    """The statistics of examples from their rows of COUNTS."""
+    column = {name: counts[:, i].astype(np.int64) for i, name in enumerate(COUNTS)}
     return {
         "examples": len(counts),
-        "tokens": spread([c["tokens"] for c in counts]),
-        "learned_tokens": spread([c["learned"] for c in counts]),
-        "over_max_length": sum(c["over"] for c in counts),
-        "learned_tokens_lost_to_truncation": sum(c["lost"] for c in counts),
-        "learned_tokens_per_epoch": sum(c["learned"] - c["lost"] for c in counts),
+        "tokens": _spread(column["tokens"]),
+        "learned_tokens": _spread(column["learned"]),
+        "over_max_length": int(column["over"].sum()),
+        "learned_tokens_lost_to_truncation": int(column["lost"].sum()),
+        "learned_tokens_per_epoch": int((column["learned"] - column["lost"]).sum()),
         "max_length": max_length,
     }
 
 
-def _warnings(records: list[dict]) -> list[str]:
+def _part_stats(counts: np.ndarray) -> dict:
+    """preference.part_stats on rows of COUNTS: the spread of each part that some example has."""
+    out = {}
+    for part in ("prompt", *PAIR_FIELDS, "completion"):
+        values = counts[:, COUNTS.index(part)]
+        if np.any(values >= 0):
+            out[f"{part}_tokens"] = _spread(values[values >= 0])
+    return out
+
+
+def _warnings(records) -> list[str]:
+    """Missing system messages, duplicates (by a 128-bit digest of each line's content, kept in two arrays of
+    int64: no dict of all lines), unanswered user turns. One pass over `records` (distinct lines)."""
     out = []
-    chats = [r for r in records if "messages" in r]
-    without = [r for r in chats if r["messages"][0]["role"] != "system"]
-    if without and len(without) < len(chats):
-        out.append(
-            f"{len(without)} of {len(chats)} conversations have no system message (first: {without[0]['source']})"
-        )
-    elif without:
-        out.append("no conversation has a system message; data.system_prompt can add one to each")
-    firsts: dict[bytes, str] = {}  # a digest of each example's content, not its text: big sets stay small here
-    duplicates = []
+    chats = without = 0
+    first_without = None
+    ends: Counter = Counter()
+    low, high = array("q"), array("q")
     for r in records:
         digest = hashlib.blake2b(_content(r), digest_size=16).digest()
-        if digest in firsts and firsts[digest] != r["source"]:
-            duplicates.append(f"{r['source']}: duplicate of {firsts[digest]}")
-        firsts.setdefault(digest, r["source"])
-    out += duplicates[:SHOWN]
-    if len(duplicates) > SHOWN:
-        out.append(f"{len(duplicates)} duplicates in all (the first {SHOWN} are listed)")
-    ends = Counter(r["messages"][-1]["role"] for r in chats)
+        low.append(int.from_bytes(digest[:8], "little", signed=True))
+        high.append(int.from_bytes(digest[8:], "little", signed=True))
+        if "messages" in r:
+            chats += 1
+            ends[r["messages"][-1]["role"]] += 1
+            if r["messages"][0]["role"] != "system":
+                without += 1
+                first_without = first_without or r["source"]
+    if without and without < chats:
+        out.append(f"{without} of {chats} conversations have no system message (first: {first_without})")
+    elif without:
+        out.append("no conversation has a system message; data.system_prompt can add one to each")
+    low, high = np.frombuffer(low, np.int64), np.frombuffer(high, np.int64)
+    lines, originals = _repeats(low, high)
+    for line, original in zip(lines[:SHOWN].tolist(), originals[:SHOWN].tolist()):
+        out.append(f"{records[line]['source']}: duplicate of {records[original]['source']}")
+    if len(lines) > SHOWN:
+        out.append(f"{len(lines)} duplicates in all (the first {SHOWN} are listed)")
     if ends.get("user"):
         out.append(f"{ends['user']} conversations end with a user turn that nothing answers (it is not learned)")
     return out
+
+
+def _repeats(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each line whose digest an earlier line has, that earlier line's first one), in line order."""
+    if not len(low):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((np.arange(len(low)), low, high))  # equal digests together, each group in line order
+    starts = np.concatenate([[True], (low[order][1:] != low[order][:-1]) | (high[order][1:] != high[order][:-1])])
+    firsts = order[starts][np.cumsum(starts) - 1]  # the first line of each sorted position's group
+    lines, originals = order[~starts], firsts[~starts]
+    by_line = np.argsort(lines, kind="stable")
+    return lines[by_line], originals[by_line]
 
 
 def _content(record: dict) -> bytes:
@@ -327,15 +407,18 @@ def _content(record: dict) -> bytes:
     return json.dumps(content, sort_keys=True).encode("utf-8", "surrogatepass")
 
 
-def _length_warnings(chats: list[dict], counted: dict, max_length: int, source: str) -> list[str]:
+def _length_warnings(lines, counts: np.ndarray, train_at: np.ndarray, max_length: int, source: str) -> list[str]:
     """Conversations that truncation leaves with nothing to learn (training drops them), and a max_length past
-    the model's context."""
+    the model's context. `train_at`: the distinct training lines' positions in `lines` and `counts`."""
     out = []
-    empty = [r["source"] for r in chats if counted[r["source"]]["learned"] == counted[r["source"]]["lost"]]
-    if empty and len(empty) < len(chats):  # all of them is an error, reported above
+    rows = counts[train_at]
+    chats = rows[:, COUNTS.index("chat")] == 1
+    empty = chats & (rows[:, COUNTS.index("learned")] == rows[:, COUNTS.index("lost")])
+    if empty.any() and empty.sum() < chats.sum():  # all of them is an error, reported above
+        first = lines[int(train_at[np.flatnonzero(empty)[0]])]["source"]
         out.append(
-            f"{len(empty)} conversations have no learned token left after truncation to {max_length} "
-            f"(training drops them; first: {empty[0]})"
+            f"{int(empty.sum())} conversations have no learned token left after truncation to {max_length} "
+            f"(training drops them; first: {first})"
         )
     context = _context_length(source)
     if context and max_length > context:
@@ -376,9 +459,7 @@ def preview(recipe, index: int = 0, count: int = 1) -> list[dict]:
     """Examples `index`..`index+count-1` of the training data as the model sees them: each token's id, text and
     whether it is learned, after truncation to max_length."""
     d = recipe.data
-    records = []
-    for spec in d.files():
-        records += jsonl.read(spec, spec.format, spec.columns, d.system_prompt)
+    records = Records.concat(jsonl.read(spec, spec.format, spec.columns, d.system_prompt) for spec in d.files())
     if not 0 <= index < len(records):
         raise FtuneError(f"--index {index}: the training data has {len(records)} examples (0 to {len(records) - 1})")
     shown = records[index : index + count]
