@@ -381,6 +381,50 @@ def test_sse_framing_over_plain_http(server):
 
 
 @pytest.mark.slow
+def test_feedback_loop_from_the_real_server(server, tmp_path):
+    """serve -> ratings -> `ftune feedback` -> data `ftune validate` accepts for KTO and DPO: the replies the real
+    server logged, rated through its API, come out as the training rows (prompt = the conversation sent)."""
+    from typer.testing import CliRunner
+
+    from finetune_cli.cli import app
+
+    client = server.client()
+    asked = chat(ORDER, SYSTEM)
+    tuned = client.chat.completions.create(model="tuned", messages=asked, max_tokens=64)
+    base = client.chat.completions.create(model=BASE, messages=asked, max_tokens=64)
+    other = client.chat.completions.create(model="tuned", messages=chat("Order for Li Wu: 1 x pen (black), deliver to "
+                                           "Rome, deadline Tuesday.", SYSTEM), max_tokens=64)  # fmt: skip
+    assert tuned.choices[0].finish_reason == "stop" == other.choices[0].finish_reason
+    with server.http() as http:
+        for body in ({"id": tuned.id, "rating": 1}, {"id": other.id, "rating": -1}, {"id": tuned.id,
+                     "better_than": base.id}):  # fmt: skip
+            assert http.post("/v1/feedback", json=body).status_code == 200
+    kto, dpo = tmp_path / "kto.jsonl", tmp_path / "dpo.jsonl"
+    for out, fmt in ((kto, "kto"), (dpo, "dpo")):
+        result = CliRunner().invoke(app, ["feedback", str(server.log_dir), "-o", str(out), "--format", fmt])
+        assert result.exit_code == 0, result.output
+    rows = {r["id"]: r for r in map(json.loads, kto.read_text().splitlines())}
+    assert rows[tuned.id]["prompt"] == asked and rows[tuned.id]["label"] is True
+    assert rows[tuned.id]["completion"] == [{"role": "assistant", "content": tuned.choices[0].message.content}]
+    assert rows[other.id]["label"] is False
+    pairs = [json.loads(line) for line in dpo.read_text().splitlines()]
+    assert any(
+        p["prompt"] == asked
+        and p["chosen"][0]["content"] == tuned.choices[0].message.content
+        and p["rejected"][0]["content"] == base.choices[0].message.content
+        for p in pairs
+    )
+    for out, objective in ((kto, "kto"), (dpo, "dpo")):
+        recipe = tmp_path / f"{objective}.yaml"
+        recipe.write_text(
+            f"model: {{base: {BASE}}}\ndata: {{train: {out}, max_length: 256}}\nmethod: {{name: lora}}\n"
+            f"training: {{objective: {objective}, max_steps: 1}}\noutput: {{dir: {tmp_path / objective}}}\n"
+        )
+        result = CliRunner().invoke(app, ["validate", str(recipe), "--json"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
 def test_sigterm_ends_in_flight_requests(server):
     """SIGTERM: the streaming request gets an error event, the server exits 0 within seconds. (Runs last of the
     tests that use the module's server: it stops it.)"""
@@ -752,47 +796,3 @@ def test_streamed_text_adds_up_to_the_reply(tokenizer, text, stops, strip, final
     assert stopped == bool(stops)
     assert reply.final() == final and "".join(pieces) + reply.rest() == final
     assert "\ufffd" not in "".join(pieces) and sum(map(bool, pieces)) > 2  # streamed in pieces
-
-
-@pytest.mark.slow
-def test_feedback_loop_from_the_real_server(server, tmp_path):
-    """serve -> ratings -> `ftune feedback` -> data `ftune validate` accepts for KTO and DPO: the replies the real
-    server logged, rated through its API, come out as the training rows (prompt = the conversation sent)."""
-    from typer.testing import CliRunner
-
-    from finetune_cli.cli import app
-
-    client = server.client()
-    asked = chat(ORDER, SYSTEM)
-    tuned = client.chat.completions.create(model="tuned", messages=asked, max_tokens=64)
-    base = client.chat.completions.create(model=BASE, messages=asked, max_tokens=64)
-    other = client.chat.completions.create(model="tuned", messages=chat("Order for Li Wu: 1 x pen (black), deliver to "
-                                           "Rome, deadline Tuesday.", SYSTEM), max_tokens=64)  # fmt: skip
-    assert tuned.choices[0].finish_reason == "stop" == other.choices[0].finish_reason
-    with server.http() as http:
-        for body in ({"id": tuned.id, "rating": 1}, {"id": other.id, "rating": -1}, {"id": tuned.id,
-                     "better_than": base.id}):  # fmt: skip
-            assert http.post("/v1/feedback", json=body).status_code == 200
-    kto, dpo = tmp_path / "kto.jsonl", tmp_path / "dpo.jsonl"
-    for out, fmt in ((kto, "kto"), (dpo, "dpo")):
-        result = CliRunner().invoke(app, ["feedback", str(server.log_dir), "-o", str(out), "--format", fmt])
-        assert result.exit_code == 0, result.output
-    rows = {r["id"]: r for r in map(json.loads, kto.read_text().splitlines())}
-    assert rows[tuned.id]["prompt"] == asked and rows[tuned.id]["label"] is True
-    assert rows[tuned.id]["completion"] == [{"role": "assistant", "content": tuned.choices[0].message.content}]
-    assert rows[other.id]["label"] is False
-    pairs = [json.loads(line) for line in dpo.read_text().splitlines()]
-    assert any(
-        p["prompt"] == asked
-        and p["chosen"][0]["content"] == tuned.choices[0].message.content
-        and p["rejected"][0]["content"] == base.choices[0].message.content
-        for p in pairs
-    )
-    for out, objective in ((kto, "kto"), (dpo, "dpo")):
-        recipe = tmp_path / f"{objective}.yaml"
-        recipe.write_text(
-            f"model: {{base: {BASE}}}\ndata: {{train: {out}, max_length: 256}}\nmethod: {{name: lora}}\n"
-            f"training: {{objective: {objective}, max_steps: 1}}\noutput: {{dir: {tmp_path / objective}}}\n"
-        )
-        result = CliRunner().invoke(app, ["validate", str(recipe), "--json"])
-        assert result.exit_code == 0, result.output
