@@ -87,7 +87,7 @@ _REPORT = """<!DOCTYPE html>
 <p class="muted">data: {{ e.data | join(", ") }}{% if e.target %} · target {{ e.target }}{% endif %}</p>
 {% if e.kind in ("generate", "tasks") %}{{ metrics_table(e) }}{% elif e.columns %}{{ scores(e.columns) }}{% endif %}
 {% if e.change %}<p>change (tuned − base):
-{% for k, v in e.change.items() %}{{ label(k) }} {{ v | num }}{{ ", " if not loop.last }}
+{% for k, v in e.change.items() %}{{ k if e.kind == "tasks" else label(k) }} {{ v | num }}{{ ", " if not loop.last }}
 {% endfor %}</p>{% endif %}
 {% if e.predictions %}<p>predictions: <a href="{{ e.predictions.href }}">{{ e.predictions.name }}</a></p>{% endif %}
 </section>{% endfor %}{% endif %}
