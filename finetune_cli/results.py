@@ -99,7 +99,7 @@ class TasksEval(_Result):
     target: str
     base: str
     data: list[str]  # the --tasks entries as given (names and YAML paths): eval.json keeps one result per list
-    harness: str | None  # lm_eval's version
+    harness: str  # lm_eval's version
     tasks: list[str]
     num_fewshot: dict[str, int | None]
     limit: float | None = None

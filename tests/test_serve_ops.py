@@ -177,41 +177,22 @@ def test_metrics_count_what_was_sent(srv):
         http.post("/v1/chat/completions", json={"model": "a", "messages": []})
         after = families(http)
     requests = "ftune_requests_total"
-    assert (
-        value(after, requests, endpoint="chat", model="a", status="200")
-        - value(before, requests, endpoint="chat", model="a", status="200")
-        == 2
-    )
-    assert (
-        value(after, requests, endpoint="chat", model="b", status="200")
-        - value(before, requests, endpoint="chat", model="b", status="200")
-        == 1
-    )
+
+    def delta(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta(requests, endpoint="chat", model="a", status="200") == 2
+    assert delta(requests, endpoint="chat", model="b", status="200") == 1
     # an unknown model name is not a label (clients cannot grow the label set); a bad body on `a` is a's 400
-    assert (
-        value(after, requests, endpoint="chat", model="", status="404")
-        - value(before, requests, endpoint="chat", model="", status="404")
-        == 1
-    )
-    assert (
-        value(after, requests, endpoint="chat", model="a", status="400")
-        - value(before, requests, endpoint="chat", model="a", status="400")
-        == 1
-    )
+    assert delta(requests, endpoint="chat", model="", status="404") == 1
+    assert delta(requests, endpoint="chat", model="a", status="400") == 1
     assert not any(dict(labels).get("model") == "nope" for labels in after[requests])
     for model, mine in (("a", replies[:2]), ("b", replies[2:])):
-        generated = value(after, "ftune_generated_tokens_total", model=model)
-        generated -= value(before, "ftune_generated_tokens_total", model=model)
-        assert generated == sum(r["usage"]["completion_tokens"] for r in mine)
-        prompt = value(after, "ftune_prompt_tokens_total", model=model)
-        prompt -= value(before, "ftune_prompt_tokens_total", model=model)
-        assert prompt == sum(r["usage"]["prompt_tokens"] for r in mine)
-        count = value(after, "ftune_request_duration_seconds_count", endpoint="chat", model=model)
-        count -= value(before, "ftune_request_duration_seconds_count", endpoint="chat", model=model)
+        assert delta("ftune_generated_tokens_total", model=model) == sum(r["usage"]["completion_tokens"] for r in mine)
+        assert delta("ftune_prompt_tokens_total", model=model) == sum(r["usage"]["prompt_tokens"] for r in mine)
+        count = delta("ftune_request_duration_seconds_count", endpoint="chat", model=model)
         assert count == len(mine) + (model == "a")  # a's 400 took time too
-        first = value(after, "ftune_time_to_first_token_seconds_count", model=model)
-        first -= value(before, "ftune_time_to_first_token_seconds_count", model=model)
-        assert first == sum(1 for r in mine if r["text"])
+        assert delta("ftune_time_to_first_token_seconds_count", model=model) == sum(1 for r in mine if r["text"])
     assert value(after, "ftune_queue_depth") == 0 and value(after, "ftune_running_batch_size") == 0
     assert value(after, "ftune_max_batch") == 8
     with srv.http(key=None) as anonymous:

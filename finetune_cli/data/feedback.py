@@ -162,7 +162,7 @@ def _check_output(output: Path) -> None:
         raise FtuneError(f"--output: {output} would be read as {output.suffix[1:]}; name it .jsonl (JSON lines)")
 
 
-def _lines(path: Path, skipped: Counter):
+def log_lines(path: Path, skipped: Counter):
     """(where, object) of each line of a JSONL log; a corrupt line is an error naming it. A last line without its
     newline that is not a whole JSON object was cut short (the server stopped mid-write, or is writing it now):
     skipped and counted. A whole object without the newline (a file edited by hand) is read."""
@@ -194,7 +194,7 @@ def _read_feedback(path: Path, skipped: Counter) -> tuple[dict, list, int]:
     lines = 0
     if not path.is_file():
         return ratings, [], lines
-    for number, (where, record) in enumerate(_lines(path, skipped), 1):
+    for number, (where, record) in enumerate(log_lines(path, skipped), 1):
         lines += 1
         rid = record.get("id")
         if not isinstance(rid, str) or not rid:
@@ -221,7 +221,7 @@ def _read_requests(path: Path, wanted: set[str], skipped: Counter) -> tuple[dict
     the log is streamed, and only the rated ones are kept."""
     found: dict[str, dict] = {}
     logged = 0
-    for where, record in _lines(path, skipped):
+    for where, record in log_lines(path, skipped):
         rid = record.get("id")
         if not isinstance(rid, str) or not rid:
             raise FtuneError(f'{where}: a logged request needs its completion "id"; fix or delete the line')

@@ -139,7 +139,7 @@ def run_tasks(
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(
+        return lm_eval.simple_evaluate(
             model=lm,
             tasks=wanted,
             num_fewshot=num_fewshot,
@@ -147,26 +147,26 @@ def run_tasks(
             task_manager=manager,
             log_samples=False,
         )
-        return out
 
     raw = each_model(found, score, compare_base)
     first = next(iter(raw.values()))
-    results = {name: _figures(out)[0] for name, out in raw.items()}
+    figures = {name: _figures(out) for name, out in raw.items()}
+    results = {name: values for name, (values, _) in figures.items()}
     metrics = list(next(iter(results.values())))
     result = TasksEval(
         kind="tasks",
         target=str(target),
         base=found.base or str(target),
         data=parse(spec),
-        harness=getattr(lm_eval, "__version__", None) or _version(),
+        harness=lm_eval.__version__,
         tasks=sorted(first["results"]),
-        num_fewshot={k: v for k, v in first.get("n-shot", {}).items()},
+        num_fewshot=first.get("n-shot", {}),
         limit=limit,
         samples={k: v.get("effective") for k, v in first.get("n-samples", {}).items()},
         metrics=metrics,
         higher_is_better=_higher(first, metrics),
         results=results,
-        stderr={name: _figures(out)[1] for name, out in raw.items()},
+        stderr={name: errors for name, (_, errors) in figures.items()},
     )
     if "base" in results and "tuned" in results:
         result.change = {m: round(results["tuned"][m] - results["base"][m], 6) for m in metrics}
@@ -209,12 +209,3 @@ def _higher(out: dict, metrics: list[str]) -> dict[str, bool]:
         if isinstance(flag, bool):
             found[name] = flag
     return found
-
-
-def _version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None

@@ -413,7 +413,7 @@ class _Gate:
         async def refuse(error: ApiError):
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, tracked)
 
-        path, limit = scope["path"], self._limit(scope)
+        path, limit, origin = scope["path"], self._limit(scope), self._foreign_origin(scope)
         try:
             if self.key and (path.startswith("/v1/") or path == "/metrics") and not self._authorized(scope):
                 await refuse(
@@ -423,8 +423,7 @@ class _Gate:
                         code="invalid_api_key",
                     )
                 )
-            elif self._foreign_origin(scope):
-                origin = self._foreign_origin(scope)
+            elif origin:
                 message = f"a page from {origin} may not call this server; start it with --cors-origin {origin}"
                 await refuse(ApiError(403, message, code="origin_not_allowed"))
             elif self._declared_too_large(scope, limit):

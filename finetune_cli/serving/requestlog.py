@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from finetune_cli import rundir
-from finetune_cli.data.feedback import FEEDBACK, KIND, REQUESTS  # the log's names, shared with `ftune feedback`
+from finetune_cli.data.feedback import FEEDBACK, KIND, REQUESTS, log_lines  # the log, as `ftune feedback` reads it
 from finetune_cli.errors import FtuneError
 from finetune_cli.serving.engine import ApiError
 
@@ -95,10 +96,11 @@ class RequestLog:
         rundir.mark(folder, KIND, [REQUESTS, FEEDBACK])
         for name in (REQUESTS, FEEDBACK):
             _repair(folder / name, warn)
-        for line_no, record in read_lines(folder / REQUESTS):
-            if not isinstance(record.get("id"), str):
-                raise FtuneError(f"{folder / REQUESTS}:{line_no}: no completion id; this is not a line ftune wrote")
-            self.replies[record["id"]] = prompt_key(record)
+        if (folder / REQUESTS).is_file():
+            for where, record in log_lines(folder / REQUESTS, Counter()):  # whole lines only, after _repair
+                if not isinstance(record.get("id"), str):
+                    raise FtuneError(f"{where}: no completion id; this is not a line ftune wrote")
+                self.replies[record["id"]] = prompt_key(record)
 
     def _append(self, name: str, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -143,23 +145,3 @@ def _repair(path: Path, warn) -> None:
         keep = data.rfind(b"\n") + 1
         f.truncate(keep)
     warn(f"{path}: its last line was cut off (a server stopped mid-write); removed it ({len(data) - keep} bytes)")
-
-
-def read_lines(path: Path, partial_ok: bool = False):
-    """(line number, record) of each JSON line; a bad line is an error naming file:line (a last line without its
-    newline, which a running server may be writing, is skipped when `partial_ok`)."""
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.endswith("\n") and partial_ok:
-                return
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise FtuneError(f"{path}:{line_no}: not a JSON line; fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise FtuneError(f"{path}:{line_no}: not a JSON object; fix or remove that line")
-            yield line_no, record
