@@ -51,6 +51,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no "Retrying in 1s" lines before our one-line error
     os.environ.setdefault("DATASETS_VERBOSITY", "error")  # "Using the latest cached version": run.json says which
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes asks the Hub for a CPU kernel when it is imported (on AVX512-BF16 CPUs, with `kernels`
+    # installed, as transformers >= 5.25 does): offline that is a "Skipping publisher trust check" line before ours
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if "transformers" in sys.modules:  # already imported (e.g. in-process callers): the env vars came too late
         from transformers.utils import logging as hf_logging
@@ -131,10 +134,11 @@ def train(
     """Train a model as RECIPE says and write the run directory."""
     from finetune_cli import rundir, ui
     from finetune_cli.training import launch
-    from finetune_cli.training import train as training
 
     overrides = list(set_ or []) + ([f"distributed.num_processes={num_processes}"] if num_processes else [])
     resolved = rundir.load_recipe(recipe_path, overrides, resume)
+    from finetune_cli.training import train as training  # torch and friends: seconds, after the recipe is checked
+
     if launch.wanted(resolved):  # check everything here, then start one `ftune train` per process
         launch.check(resolved)
         if not training.preflight(resolved, overwrite, resume, force).completed:

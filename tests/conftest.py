@@ -28,6 +28,28 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("+".join(sorted(groups))))
 
 
+class _GroupCheck:
+    """Fail loudly, not slowly: with pytest 9.2, pytest-xdist 3.8's loadgroup silently stopped grouping, each worker
+    trained the shared runs again and the suite took 18 minutes instead of 12."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest-xdist has written each test's group into its id (`name@group`)
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
+            return
+        for item in items:
+            if any(f in SHARED_RUNS for f in getattr(item, "fixturenames", ())) and "@" not in item.nodeid:
+                message = (
+                    f"pytest-xdist did not group {item.nodeid} with the tests that share its trained run (pytest "
+                    f"{pytest.__version__}); install the pytest that pyproject.toml's dev extra names"
+                )
+                os.write(2, f"\nerror: {message}\n".encode())  # a worker's exception reaches the terminal without it
+                pytest.exit(message, returncode=4)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupCheck(), "ftune-group-check")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
