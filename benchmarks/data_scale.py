@@ -3,6 +3,7 @@ sets of mixed-length conversations, as JSONL and as Parquet; wall seconds and pe
 
 Run: python benchmarks/data_scale.py [--sizes 50000,200000] [--work DIR]   (prints a Markdown section)
      python benchmarks/data_scale.py --sizes 1000000 --formats jsonl --validate-only   (validate alone)
+     python benchmarks/data_scale.py --sizes 10000,1000000 --stream   (training on an hf: stream, 2 steps)
 
 The training step uses a tiny random 2-layer Llama with SmolLM2's tokenizer and chat template (the data path is
 what is measured, not the model): its peak RSS is the data's share plus torch's and the model's small one.
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--formats", default="jsonl,parquet")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--validate-only", action="store_true", help="measure `ftune validate` alone")
+    parser.add_argument("--stream", action="store_true", help="train 2 steps on each set as a streamed hf: source")
     parser.add_argument("--report", action="store_true", help="print the report of the results in --work")
     parser.add_argument("--rerun-train", action="store_true", help="measure the training steps of --work again")
     args = parser.parse_args()
@@ -223,6 +225,9 @@ def main() -> None:
         report(rows, work)
         return
     model = tiny_model(work / "tiny-llama")
+    if args.stream:
+        streamed(work, model, [int(s) for s in args.sizes.split(",")], args.formats.split(","), base_env)
+        return
     rows = []
     if args.validate_only:
         print("| examples | source | file MiB | `ftune validate` s, wall / CPU | peak MiB, RSS / PSS of the tree |")
@@ -274,6 +279,36 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k in ("n", "format")}), file=sys.stderr)
     if not args.validate_only:
         report(rows, work)
+
+
+def streamed(work: Path, model: Path, sizes: list[int], formats: list[str], env: dict) -> None:
+    """`ftune train` of 2 steps on each set as an `hf:` source with `streaming: true` (a dataset folder holding
+    the one file), the default shuffle buffer of 10,000 rows: the start and the memory should not grow with the set."""
+    print("| examples | source | file MiB | `ftune train`, 2 steps: wall s / CPU s | peak MiB, RSS / PSS of the tree |")
+    print("|---|---|---|---|---|")
+    for n in sizes:
+        folder = work / str(n)
+        paths = write_data(folder, n)
+        for fmt in formats:
+            hub = folder / f"hub-{fmt}"
+            hub.mkdir(exist_ok=True)
+            if not (hub / paths[fmt].name).exists():
+                os.link(paths[fmt], hub / paths[fmt].name)  # the same bytes, alone in a dataset folder
+            path = folder / f"stream-{fmt}.yaml"
+            path.write_text(
+                f"model:\n  base: {model}\ndata:\n  train:\n    - path: hf:{hub}\n      streaming: true\n"
+                "  max_length: 1024\ntraining:\n  max_steps: 2\n  batch_size: 4\n  save_steps: null\n"
+                f"output:\n  dir: {folder / ('run-stream-' + fmt)}\n",
+                encoding="utf-8",
+            )
+            train = run([*FTUNE, "train", str(path), "--overwrite", "--samples", "0"], env)
+            assert train["code"] == 0, train
+            size = paths[fmt].stat().st_size / 2**20
+            print(
+                f"| {n:,} | {fmt} | {size:.0f} | {train['seconds']:.1f} / {train['cpu']:.1f} "
+                f"| {train['rss']:,.0f} / {train['pss']:,.0f} |",
+                flush=True,
+            )
 
 
 def report(rows: list[dict], work: Path) -> None:

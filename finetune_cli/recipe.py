@@ -83,6 +83,21 @@ class DataSource(_Section):
 
 class TrainFile(DataSource):
     weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT)
+    streaming: bool = False  # hf: read as it downloads, never copied whole (data.stream)
+    shuffle_buffer: int | None = Field(default=None, ge=0)  # streaming: rows mixed at a time (0: in order)
+
+    @model_validator(mode="after")
+    def _streaming(self):
+        from finetune_cli.data.sources import HUB_PREFIX
+
+        if self.streaming and not self.path.startswith(HUB_PREFIX):
+            raise ValueError(
+                f"streaming applies to hf: datasets; {self.path} is a local file, which ftune already reads in "
+                "bounded memory: remove streaming"
+            )
+        if self.shuffle_buffer is not None and not self.streaming:
+            raise ValueError(f"shuffle_buffer applies to a streamed source ({self.path}): set streaming: true")
+        return self
 
 
 class DataSection(_Section):
@@ -114,7 +129,21 @@ class DataSection(_Section):
             raise ValueError("set either data.eval or data.eval_split, not both")
         if isinstance(self.train, list) and not self.train:
             raise ValueError("data.train lists no files")
+        if self.streamed() and len(self.files()) > 1:
+            raise ValueError(
+                f"data.train: the streamed {self.streamed().path} trains alone (weights need each source's "
+                "length); give it as the only training source"
+            )
+        if self.streamed() and self.eval_split:
+            raise ValueError(
+                "data.eval_split holds out a fraction of each source, and a stream's length is unknown: give the "
+                "held-out examples as data.eval"
+            )
         return self
+
+    def streamed(self) -> TrainFile | None:
+        """The training source read as a stream (`streaming: true`), if any."""
+        return next((f for f in self.files() if f.streaming), None)
 
     def files(self) -> list[TrainFile]:
         """The training files, each with its weight, and its format and columns resolved (the file's own, else
@@ -297,6 +326,24 @@ class Recipe(_Section):
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")
+    def _streaming(self):
+        streamed, t = self.data.streamed(), self.training
+        if streamed is None:
+            return self
+        if t.max_steps is None:
+            raise ValueError(
+                f"training.max_steps: the streamed {streamed.path} has no known length, so epochs cannot be "
+                "counted; set training.max_steps"
+            )
+        if t.objective != "sft":
+            raise ValueError(f"streaming: true reads SFT data; training.objective {t.objective} reads its data whole")
+        if t.group_by_length:
+            raise ValueError("training.group_by_length sorts by length, which a stream cannot: remove it")
+        if self.distributed.num_processes > 1:
+            raise ValueError("a streamed source trains on one process for now: set distributed.num_processes: 1")
+        return self
+
+    @model_validator(mode="after")
     def _classification(self):
         if self.data.labels is not None and self.training.objective != "classification":
             raise ValueError(
@@ -392,7 +439,8 @@ def _validate(raw: dict, path: Path, lines: dict, set_keys: set[str]) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         # A union (data.train: a path or a list of files) reports each branch: the deepest error is the real one.
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        # the deepest error; of a union's branches, a validator's own words over "expected a valid string"
+        err = max(exc.errors(), key=lambda e: (len(e["loc"]), e["type"] == "value_error"))
         loc = tuple(str(p) for p in err["loc"] if not _UNION_TAG.fullmatch(str(p)))
         if loc[:1] == ("method",) and len(loc) > 1 and loc[1] in METHODS:
             loc = loc[:1] + loc[2:]  # drop the union's tag from the key path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -32,21 +33,28 @@ def parse(
     `sources`. With `fmt="auto"` the format is the one of the first row that fits a format, and a later row in
     another format is an error; in a folder, each file's format is detected on its own. `system_prompt` is added to
     conversations that have no system message. The format returned lists each one detected, in order."""
-    source = sources.open_source(path)
-    columns = columns or {}
-    auto, file = fmt == "auto", None
-    records, errors, detected_at, found = Store(), Errors(), None, {}
+    records, errors, found = Store(), Errors(), {}
+    for item in rows(sources.open_source(path), fmt, columns, system_prompt, found):
+        (errors if isinstance(item, LineError) else records).append(item)
+    return Records((records.done(),)), errors, (", ".join(found) or None) if fmt == "auto" else fmt
+
+
+def rows(source, fmt: str, columns: dict | None, system_prompt: str | None, found: dict | None = None) -> Iterator:
+    """An opened source's records, one at a time, each a record or the LineError of its row (`parse` collects
+    them; a streamed source is tokenized from them as it is read). `found` gathers each format detected."""
+    columns, found = columns or {}, {} if found is None else found
+    auto, file, detected_at = fmt == "auto", None, None
     for where, at, raw, escapes, part in source.rows:
         if auto and part != file:  # the next file of a folder: detect its format afresh
             fmt, file, detected_at = "auto", part, None
         if isinstance(raw, LineError):
-            errors.append(raw)
+            yield raw
             continue
         if source.tabular:
             try:
                 raw, decoded = json_text(raw, columns, where)
             except LineError as exc:
-                errors.append(exc)
+                yield exc
                 continue
             escapes = escapes or decoded
         raw = rename(raw, columns)
@@ -54,28 +62,27 @@ def parse(
             fmt, detected_at = detect(raw), at
             found[fmt] = None
         elif fmt == "auto":
-            errors.append(LineError("missing field", where, NO_FORMAT))
+            yield LineError("missing field", where, NO_FORMAT)
             continue
         try:
             record = convert(raw, "messages" if fmt == "auto" else fmt, where)
         except LineError as exc:
             if exc.kind == "other format" and detected_at:
                 exc = LineError(exc.kind, where, f"{exc.detail} (detected from {detected_at})")
-            errors.append(exc)
+            yield exc
             continue
         if escapes and not _encodable(record):  # json reads a lone "\ud800" escape; tokenizers refuse it
-            errors.append(LineError("not UTF-8", where, SURROGATE))
+            yield LineError("not UTF-8", where, SURROGATE)
             continue
         if isinstance(record.get("image"), str):
             try:
                 record["image"] = image_path(record["image"], part or source.name, where)
             except LineError as exc:
-                errors.append(exc)
+                yield exc
                 continue
         if system_prompt and "messages" in record and record["messages"][0]["role"] != "system":
             record["messages"].insert(0, {"role": "system", "content": system_prompt})
-        records.append({"source": where, "format": fmt, **record})
-    return Records((records.done(),)), errors, (", ".join(found) or None) if auto else fmt
+        yield {"source": where, "format": fmt, **record}
 
 
 def image_path(value: str, data_file: str, where: str) -> str:

@@ -9,6 +9,7 @@
 | a `datasets.save_to_disk` folder         | `folder: row 12` (`folder[test]: row 12`)        |
 | a folder of such files                   | each file as above, in name order                |
 | `hf:ORG/NAME` (or `hf:./local/repo`)     | `hf:ORG/NAME[train]: row 12`                     |
+| the same with `streaming: true`          | the same, numbered as the rows arrive            |
 
 Files are read in batches (Parquet, Arrow) or line by line (JSONL, CSV), so reading never holds more than
 a batch of raw rows; `jsonl.parse` turns each into a record. Rows and lines are numbered from 1.
@@ -64,7 +65,7 @@ def open_source(spec) -> Source:
     name = str(getattr(spec, "path", spec))
     split = None if isinstance(spec, (str, Path)) else spec.split
     if name.startswith(HUB_PREFIX):
-        return _hub(*hub_key(spec))
+        return _hub(*hub_key(spec), streaming=bool(getattr(spec, "streaming", False)))
     path = Path(name)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -359,8 +360,9 @@ def _dataset_rows(name: str, ds) -> Iterator[Row]:
     return _arrow_rows(name, ds.with_format("arrow").iter(batch_size=BATCH))  # memory-mapped, read in batches
 
 
-def _hub(name: str, split: str, subset: str | None, revision: str | None) -> Source:
-    """A Hub dataset (or a local folder laid out like one) through `datasets.load_dataset`, cached by datasets.
+def _hub(name: str, split: str, subset: str | None, revision: str | None, streaming: bool = False) -> Source:
+    """A Hub dataset (or a local folder laid out like one) through `datasets.load_dataset`, cached by datasets;
+    `streaming`: read as it downloads (datasets' IterableDataset), never copied whole, so its length is unknown.
 
     The commit is the folder datasets caches the dataset under (it names it by the commit it downloaded, also
     when it reads the cache offline); a local folder has no commit, only its fingerprint."""
@@ -369,7 +371,7 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None) -> Sou
     label = f"hf:{name}" + (f":{subset}" if subset else "") + f"[{split}]"
     offline = getattr(datasets.config, "HF_HUB_OFFLINE", getattr(datasets.config, "HF_DATASETS_OFFLINE", False))
     try:
-        ds = datasets.load_dataset(name, subset, split=split, revision=revision)
+        ds = datasets.load_dataset(name, subset, split=split, revision=revision, streaming=streaming)
     except ConnectionError:
         raise FtuneError(
             f"hf:{name} (split {split}) is not in the datasets cache and the Hub cannot be reached"
@@ -381,6 +383,10 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None) -> Sou
         if offline and "Couldn't find cache" in str(exc):
             detail += "; HF_DATASETS_OFFLINE is set: load it once with network"
         raise FtuneError(f"hf:{name} (split {split}): {detail}") from None
+    if streaming:
+        ident = {"hf": name, "subset": ds.info.config_name, "split": split, "revision": revision, "streaming": True}
+        _OPENED[(name, split, subset, revision)] = ident
+        return Source(label, "hf", _arrow_rows(label, ds.with_format("arrow").iter(batch_size=BATCH)), True, ident)
     cached = [Path(f["filename"]).parent.name for f in ds.cache_files]
     commit = cached[0] if cached and COMMIT.fullmatch(cached[0]) else None
     if revision and COMMIT.fullmatch(revision) and commit and commit != revision:

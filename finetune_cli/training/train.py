@@ -15,7 +15,7 @@ from typing import Callable
 
 from finetune_cli import __version__, files, hardware, models, rundir
 from finetune_cli import recipe as recipes
-from finetune_cli.data import cache, jsonl, preference, sources
+from finetune_cli.data import cache, jsonl, preference, sources, stream
 from finetune_cli.errors import FAILED, INTERRUPTED, FtuneError
 from finetune_cli.evaluation import pairwise
 from finetune_cli.evaluation.perplexity import build_examples, corpus_nll, default_stride
@@ -58,7 +58,7 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
         plan.checkpoint = rundir.newest_checkpoint(plan.out)
     t, m = recipe.training, recipe.model
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
-    plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
+    plan.train, plan.eval, plan.files = (stream.load if recipe.data.streamed() else jsonl.load)(recipe.data, t.seed)
     first = recipe.data.files()[0].path
     preference.check_data(t.objective, plan.train, plan.eval, first)
     classifier.check_data(t.objective, plan.train, plan.eval, first)
@@ -164,9 +164,16 @@ def _tokenize(recipe, plan: Plan) -> None:
 def _tokenize_sft(recipe, plan: Plan, shared: bool) -> None:
     d = recipe.data
     with launch.local_main_first():
-        plan.train_examples, plan.stats["train"] = cache.tokenize(
-            plan.tokenizer, plan.train, d.max_length, d.train_on, shared
-        )
+        if d.streamed():  # tokenized as the trainer reads it; its counts fill in as it goes (run.json's "streamed")
+            seed = recipe.training.seed
+            plan.train_examples = stream.Examples(
+                d.streamed(), plan.tokenizer, d.max_length, d.train_on, d.system_prompt, seed
+            )
+            plan.stats["train"] = {"streamed": plan.train_examples.counts}
+        else:
+            plan.train_examples, plan.stats["train"] = cache.tokenize(
+                plan.tokenizer, plan.train, d.max_length, d.train_on, shared
+            )
         if plan.eval:
             stride = default_stride(d.max_length)
             plan.eval_examples, plan.stats["eval"] = build_examples(
@@ -188,9 +195,17 @@ def _describe(recipe, plan: Plan, strategy: str, log) -> dict:
         weight = f", weight {f['weight']:g} -> {f['used']}" if f["weight"] != 1 else ""
         detected = " (detected)" if f["detected"] else ""
         commit = f", commit {found['commit']}" if found.get("commit") else ""
-        log(f"data {f['path']}: {f['format']} format{detected}, {f['examples']} examples{weight}{commit}")
+        count = "streamed" if f.get("streaming") else f"{f['examples']} examples"
+        log(f"data {f['path']}: {f['format']} format{detected}, {count}{weight}{commit}")
     if plan.classes is not None:
         classifier.describe(plan, log)
+    elif "streamed" in train_stats:
+        shuffle = plan.train_examples.buffer
+        log(
+            f"data streamed: tokenized as training reads it, {t.max_steps} steps, "
+            + (f"shuffled {shuffle} rows at a time" if shuffle > 1 else "in order")
+            + f"; {eval_stats.get('examples', 0)} eval"
+        )
     else:
         log(
             f"data {train_stats['examples']} train examples ({train_stats['learned_tokens']} learned tokens), "

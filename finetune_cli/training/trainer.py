@@ -64,7 +64,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from finetune_cli import files, hardware, rundir
-from finetune_cli.data import examples, formats
+from finetune_cli.data import examples, formats, stream
 from finetune_cli.errors import FAILED, FtuneError
 from finetune_cli.evaluation import pairwise
 from finetune_cli.evaluation.perplexity import corpus_nll
@@ -263,7 +263,9 @@ def build_sft(recipe, source: str, model, tokenizer, train_examples: list[dict],
     trainer = FtuneTrainer(
         model=model,
         args=args,
-        train_dataset=examples.dataset(train_examples),
+        train_dataset=train_examples.dataset()
+        if isinstance(train_examples, stream.Examples)
+        else examples.dataset(train_examples),
         processing_class=tokenizer,
         peft_config=methods.peft_config(method, source),
         callbacks=list(callbacks),
