@@ -123,11 +123,13 @@ class Records(Sequence):
     def codes(self) -> np.ndarray:
         """Each record's (store << ROW_BITS | row)."""
         if self._codes is None:
-            return np.arange(len(self._stores[0]), dtype=np.int64)
+            return np.arange(len(self), dtype=np.int64)
         return self._codes
 
     def __len__(self) -> int:
-        return len(self._stores[0]) if self._codes is None else len(self._codes)
+        if self._codes is None:
+            return len(self._stores[0]) if self._stores else 0  # Records(): none
+        return len(self._codes)
 
     def _codes_of(self, start: int, stop: int) -> np.ndarray:
         if self._codes is None:

@@ -61,7 +61,10 @@ class Examples:
         and the epoch the trainer sets)."""
         import datasets
 
-        ds = datasets.IterableDataset.from_generator(_generate, gen_kwargs={"stream": self})
+        ids = datasets.Sequence(datasets.Value("int32"))
+        # the columns named up front: TRL reads them off the first example otherwise, a shuffle buffer's fill each
+        features = datasets.Features({"input_ids": ids, "labels": ids})
+        ds = datasets.IterableDataset.from_generator(_generate, features=features, gen_kwargs={"stream": self})
         return ds.shuffle(seed=self.seed, buffer_size=self.buffer) if self.buffer > 1 else ds
 
     def __iter__(self) -> Iterator[dict]:
