@@ -200,3 +200,16 @@ def test_a_stream_without_eval_data_and_the_default_buffer_trains(tmp_path, tiny
     # example is a pass too, read ahead by datasets' thread as far as it got)
     assert 30 <= streamed["examples"] <= 30 * streamed["passes"]
     assert "shuffled 10000 rows at a time" in " ".join(result.output.split())  # the log line, however wrapped
+
+
+def test_a_parquet_dataset_streams_the_same_examples(tmp_path, tokenizer):
+    """Most Hub datasets are Parquet: streamed without pyarrow's pre-buffering (sources._stream), same examples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = rows(40)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "pq" / "train.parquet", row_group_size=16)
+    parquet = list(stream.Examples(spec(tmp_path / "pq"), tokenizer, 64, "assistant", None, 1))
+    assert parquet == list(stream.Examples(spec(hub(tmp_path / "hub", records)), tokenizer, 64, "assistant", None, 1))
+    assert 30 < len(parquet) < 40  # the dropped rows left out of both
