@@ -371,7 +371,7 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     label = f"hf:{name}" + (f":{subset}" if subset else "") + f"[{split}]"
     offline = getattr(datasets.config, "HF_HUB_OFFLINE", getattr(datasets.config, "HF_DATASETS_OFFLINE", False))
     try:
-        ds = (_stream if streaming else datasets.load_dataset)(name, subset, split=split, revision=revision)
+        ds = datasets.load_dataset(name, subset, split=split, revision=revision, streaming=streaming)
     except ConnectionError:
         raise FtuneError(
             f"hf:{name} (split {split}) is not in the datasets cache and the Hub cannot be reached"
@@ -386,7 +386,8 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     if streaming:
         ident = {"hf": name, "subset": ds.info.config_name, "split": split, "revision": revision, "streaming": True}
         _OPENED[(name, split, subset, revision)] = ident
-        return Source(label, "hf", _arrow_rows(label, ds.with_format("arrow").iter(batch_size=BATCH)), True, ident)
+        batches = _stream_batches(ds, name, subset, split, revision)
+        return Source(label, "hf", _arrow_rows(label, batches), True, ident)
     cached = [Path(f["filename"]).parent.name for f in ds.cache_files]
     commit = cached[0] if cached and COMMIT.fullmatch(cached[0]) else None
     if revision and COMMIT.fullmatch(revision) and commit and commit != revision:
@@ -407,20 +408,24 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     return Source(label, "hf", _dataset_rows(label, ds), tabular=True, identity=ident)
 
 
-def _stream(name: str, subset: str | None, **kwargs):
-    """`load_dataset(..., streaming=True)`; a Parquet dataset (most of the Hub's) without pyarrow's pre-buffering,
-    which reads the rest of the file ahead into memory while training reads the first rows (measured: +1.8 GiB
-    at 1M conversations; BENCHMARKS.md). Other builders take no such option."""
+def _stream_batches(ds, name: str, subset: str | None, split: str, revision: str | None) -> Iterator:
+    """Arrow batches of a streamed dataset. A Parquet dataset's files are read here, a row group at a time without
+    threads: datasets' reader scans them with pyarrow's threads on, which reads the whole open file ahead into
+    memory while training reads its first rows (1,461 MiB against 261 on a 627 MB file; BENCHMARKS.md).
+    Other builders (JSON, CSV...) through datasets."""
     import datasets
-    import pyarrow.dataset as pads
+    import fsspec
+    import pyarrow.parquet as pq
 
-    options = pads.ParquetFragmentScanOptions(pre_buffer=False)
-    try:
-        return datasets.load_dataset(name, subset, streaming=True, fragment_scan_options=options, **kwargs)
-    except ValueError as exc:
-        if "fragment_scan_options" not in str(exc):
-            raise
-    return datasets.load_dataset(name, subset, streaming=True, **kwargs)
+    builder = datasets.load_dataset_builder(name, subset, revision=revision)
+    files = builder.config.data_files or {}
+    urls = next((v for k, v in files.items() if str(k) == split), None) if builder.name == "parquet" else None
+    if not urls:
+        yield from ds.with_format("arrow").iter(batch_size=BATCH)
+        return
+    for url in urls:  # local paths, or hf://datasets/NAME@COMMIT/... through huggingface_hub's file system
+        with fsspec.open(url, "rb") as f:
+            yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=BATCH, use_threads=False)
 
 
 def _first_line(exc: BaseException) -> str:
