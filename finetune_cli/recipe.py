@@ -129,12 +129,13 @@ class DataSection(_Section):
             raise ValueError("set either data.eval or data.eval_split, not both")
         if isinstance(self.train, list) and not self.train:
             raise ValueError("data.train lists no files")
-        if self.streamed() and len(self.files()) > 1:
+        streamed = self.streamed()
+        if streamed and len(self.files()) > 1:
             raise ValueError(
-                f"data.train: the streamed {self.streamed().path} trains alone (weights need each source's "
+                f"data.train: the streamed {streamed.path} trains alone (weights need each source's "
                 "length); give it as the only training source"
             )
-        if self.streamed() and self.eval_split:
+        if streamed and self.eval_split:
             raise ValueError(
                 "data.eval_split holds out a fraction of each source, and a stream's length is unknown: give the "
                 "held-out examples as data.eval"

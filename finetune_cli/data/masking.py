@@ -170,7 +170,7 @@ def tokenize_all(tokenizer, records, max_length: int, train_on: str, path: Path 
     try:
         writer = examples_file.Writer(path)
         try:
-            for part, error in map_records(tokenizer, records, _tokenize_chunk, max_length, train_on):
+            for part, error in map_records(tokenizer, records, tokenize_chunk, max_length, train_on):
                 if error:
                     raise FtuneError(error)
                 examples, cut, empty = part
@@ -193,7 +193,7 @@ def tokenize_all(tokenizer, records, max_length: int, train_on: str, path: Path 
     return loaded, stats
 
 
-def _tokenize_chunk(tokenizer, records: list[dict], max_length: int, train_on: str):
+def tokenize_chunk(tokenizer, records: list[dict], max_length: int, train_on: str):
     """((examples, truncated, dropped), None) for some records, or (None, the first error naming its record)."""
     ids, labels, lengths, truncated, dropped = array("i"), array("i"), [], 0, 0
     for record in records:

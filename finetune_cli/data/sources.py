@@ -371,7 +371,11 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     label = f"hf:{name}" + (f":{subset}" if subset else "") + f"[{split}]"
     offline = getattr(datasets.config, "HF_HUB_OFFLINE", getattr(datasets.config, "HF_DATASETS_OFFLINE", False))
     try:
-        ds = datasets.load_dataset(name, subset, split=split, revision=revision, streaming=streaming)
+        if streaming:  # what load_dataset(streaming=True) does; the builder also says which files to read
+            builder = datasets.load_dataset_builder(name, subset, revision=revision)
+            ds = builder.as_streaming_dataset(split=split)
+        else:
+            ds = datasets.load_dataset(name, subset, split=split, revision=revision)
     except ConnectionError:
         raise FtuneError(
             f"hf:{name} (split {split}) is not in the datasets cache and the Hub cannot be reached"
@@ -386,8 +390,7 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     if streaming:
         ident = {"hf": name, "subset": ds.info.config_name, "split": split, "revision": revision, "streaming": True}
         _OPENED[(name, split, subset, revision)] = ident
-        batches = _stream_batches(ds, name, subset, split, revision)
-        return Source(label, "hf", _arrow_rows(label, batches), True, ident)
+        return Source(label, "hf", _arrow_rows(label, _stream_batches(builder, ds, split)), True, ident)
     cached = [Path(f["filename"]).parent.name for f in ds.cache_files]
     commit = cached[0] if cached and COMMIT.fullmatch(cached[0]) else None
     if revision and COMMIT.fullmatch(revision) and commit and commit != revision:
@@ -408,16 +411,14 @@ def _hub(name: str, split: str, subset: str | None, revision: str | None, stream
     return Source(label, "hf", _dataset_rows(label, ds), tabular=True, identity=ident)
 
 
-def _stream_batches(ds, name: str, subset: str | None, split: str, revision: str | None) -> Iterator:
+def _stream_batches(builder, ds, split: str) -> Iterator:
     """Arrow batches of a streamed dataset. A Parquet dataset's files are read here, a row group at a time without
     threads: datasets' reader scans them with pyarrow's threads on, which reads the whole open file ahead into
     memory while training reads its first rows (1,461 MiB against 261 on a 627 MB file; BENCHMARKS.md).
     Other builders (JSON, CSV...) through datasets."""
-    import datasets
     import fsspec
     import pyarrow.parquet as pq
 
-    builder = datasets.load_dataset_builder(name, subset, revision=revision)
     files = builder.config.data_files or {}
     urls = next((v for k, v in files.items() if str(k) == split), None) if builder.name == "parquet" else None
     if not urls:

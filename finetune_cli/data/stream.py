@@ -19,7 +19,7 @@ SHUFFLE_BUFFER = 10_000  # rows mixed at a time unless the source says (datasets
 PEEK = 64  # rows read before training starts: the format, the template and the first rows checked up front
 
 
-def load(data, seed: int) -> tuple[Records, Records, list[dict]]:
+def load(data) -> tuple[Records, Records, list[dict]]:
     """What `jsonl.load` returns, for a recipe whose training source is streamed: its first records (what the
     checks before training look at), the eval records (data.eval, read whole) and the file's info (no counts)."""
     spec = data.streamed()
@@ -74,16 +74,13 @@ class Examples:
         for item in rows:
             if isinstance(item, LineError):
                 raise item
-            part, error = masking._tokenize_chunk(self.tokenizer, [item], self.max_length, self.train_on)
+            part, error = masking.tokenize_chunk(self.tokenizer, [item], self.max_length, self.train_on)
             if error:
                 raise FtuneError(error)
             made, truncated, dropped = part
-            c["examples"], c["truncated"], c["dropped"] = (
-                c["examples"] + len(made),
-                c["truncated"] + truncated,
-                c["dropped"] + dropped,
-            )
-            c["tokens"], c["learned_tokens"] = c["tokens"] + made.tokens(), c["learned_tokens"] + made.learned()
+            seen = {"examples": len(made), "truncated": truncated, "dropped": dropped}
+            for key, n in {**seen, "tokens": made.tokens(), "learned_tokens": made.learned()}.items():
+                c[key] += n
             yield from (made[i] for i in range(len(made)))
 
 

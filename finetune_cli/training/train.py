@@ -58,7 +58,10 @@ def preflight(recipe: recipes.Recipe, overwrite: bool = False, resume: bool = Fa
         plan.checkpoint = rundir.newest_checkpoint(plan.out)
     t, m = recipe.training, recipe.model
     methods.check_device(recipe.method, t.precision, t.optimizer, t.liger)
-    plan.train, plan.eval, plan.files = (stream.load if recipe.data.streamed() else jsonl.load)(recipe.data, t.seed)
+    if recipe.data.streamed():
+        plan.train, plan.eval, plan.files = stream.load(recipe.data)
+    else:
+        plan.train, plan.eval, plan.files = jsonl.load(recipe.data, t.seed)
     first = recipe.data.files()[0].path
     preference.check_data(t.objective, plan.train, plan.eval, first)
     classifier.check_data(t.objective, plan.train, plan.eval, first)
